@@ -1,0 +1,36 @@
+"""Plots of a run directory's ``metrics.jsonl`` (matplotlib, headless)."""
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  with open(run_dir / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_accuracy(run_dir: pathlib.Path, target: float | None = None) -> pathlib.Path:
+  """Test accuracy against rounds, saved as ``run_dir/accuracy.png``."""
+  rows = read_metrics(run_dir)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([r['round'] for r in rows], [r['accuracy'] for r in rows], marker='.')
+  if 'node_accuracy_mean' in (rows[0] if rows else {}):
+    ax.plot([r['round'] for r in rows], [r['node_accuracy_mean'] for r in rows], ls='--',
+            label='individual nodes (mean)')
+    ax.legend()
+  if target is not None:
+    ax.axhline(target, color='gray', lw=0.8, ls=':')
+  ax.set_xlabel('round')
+  ax.set_ylabel('test accuracy')
+  ax.set_title(run_dir.name)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = run_dir / 'accuracy.png'
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,93 @@
+"""What every protocol shares: the ``Protocol`` triple, the ``Learner`` and node helpers.
+
+A protocol is built by a plain function that closes over static configuration
+and returns ``Protocol(init, round, model)`` of pure functions, in the manner of
+optax's ``GradientTransformation`` and fedjax's ``FederatedAlgorithm``.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from decsim.data.sampler import NodeData
+from decsim.local import LocalResult, map_nodes
+from decsim.state import RoundMetrics, SimState
+from decsim.types import Params, PRNGKey, Stacked
+
+
+class Protocol(NamedTuple):
+  init: Callable[[PRNGKey, NodeData], SimState]
+  round: Callable[[SimState, NodeData], tuple[SimState, RoundMetrics]]
+  # The model the protocol delivers: FedAvg's server model, the node average of
+  # a decentralized protocol. Evaluation reads it.
+  model: Callable[[SimState], Params]
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """How one node learns; shared by every protocol of a run."""
+
+  init_params: Callable[[PRNGKey], Params]  # one model
+  tx: optax.GradientTransformation
+  local_update: Callable[..., LocalResult]  # from make_local_update
+  batch_size: int  # samples per local step, for simulated compute time
+  node_chunk: int = 0  # see local.map_nodes
+  independent_init: bool = False  # every node its own draw (gossip setting)
+
+  def model_bytes(self) -> int:
+    shapes = jax.eval_shape(self.init_params, jax.random.key(0))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
+def broadcast(params: Params, n: int) -> Stacked:
+  """One model copied to n rows: leaves [n, ...]."""
+  return jax.tree.map(lambda p: jnp.broadcast_to(p, (n, *p.shape)), params)
+
+
+def init_params(learner: Learner, key: PRNGKey, n: int) -> Stacked:
+  """N models: one draw broadcast (shared init) or N independent draws.
+
+  Independent draws run in chunks of 64 so peak memory stays near the N models
+  themselves (one vmap over N keys peaked at 4x).
+  """
+  if not learner.independent_init:
+    return broadcast(learner.init_params(key), n)
+  keys = jax.random.split(key, n)
+  return jax.lax.map(learner.init_params, keys, batch_size=min(n, 64))
+
+
+def train_nodes(learner: Learner, params: Stacked, opt_state: optax.OptState, keys: PRNGKey,
+                data: NodeData, rows: jax.Array | None = None) -> LocalResult:
+  """Local update of the nodes in ``rows`` (all nodes when None); leaves [len(rows), ...]."""
+  idx, sizes = (data.idx, data.sizes) if rows is None else (data.idx[rows], data.sizes[rows])
+
+  def one(p, o, k, idx_row, size):
+    return learner.local_update(p, o, k, data.x, data.y, idx_row, size)
+
+  return map_nodes(one, learner.node_chunk)(params, opt_state, keys, idx, sizes)
+
+
+def sample_available(key: PRNGKey, available: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:
+  """``s`` distinct nodes drawn uniformly among the available ones.
+
+  Returns ``(ids [s] int32, valid [s] bool)``; when fewer than ``s`` nodes are
+  available the surplus draws are marked invalid.
+  """
+  scores = jax.random.uniform(key, available.shape)  # [N]
+  scores = jnp.where(available, scores, -1.0)
+  top, ids = jax.lax.top_k(scores, s)
+  return ids.astype(jnp.int32), top >= 0.0
+
+
+def weighted_average(stacked: Stacked, weights: jax.Array) -> Params:
+  """sum_i w_i x_i / sum_i w_i over the leading axis; weights [n]."""
+  weights = weights / jnp.sum(weights)
+  return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
+
+
+def node_average(stacked: Stacked) -> Params:
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked)

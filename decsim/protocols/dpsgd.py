@@ -1,0 +1,83 @@
+"""Decentralized parallel SGD (Lian et al., "Can Decentralized Algorithms Outperform
+Centralized Algorithms? A Case Study for Decentralized Parallel Stochastic Gradient
+Descent", NeurIPS 2017).
+
+Every online node takes its local steps, sends its model to its neighbours, and
+replaces its model by the W-weighted average of what it holds (train, then mix:
+the adapt-then-combine order decentralizepy runs). W is a fixed doubly
+stochastic matrix (Metropolis-Hastings weights of a graph) or a time-varying one
+such as the one-peer exponential graph of MoDeST's baseline. Offline nodes
+neither train, send nor receive; live rows renormalise over live neighbours.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from decsim import mixing
+from decsim.data.sampler import NodeData
+from decsim.network import Network
+from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
+from decsim.rng import Stream, node_keys
+from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
+from decsim.topology import Topology
+from decsim.types import Params, PRNGKey
+
+TopologyFn = Callable[[jax.Array], Topology]  # round -> graph of that round
+
+
+def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
+          mixing_mode: str = 'auto', network: Network = Network()) -> Protocol:
+  topology_at = topology if callable(topology) else (lambda r: topology)
+  model_bytes = learner.model_bytes()
+
+  def init(key: PRNGKey, data: NodeData) -> SimState:
+    del data
+    params = init_params(learner, jax.random.fold_in(key, Stream.INIT), nodes)
+    opt_state = jax.vmap(learner.tx.init)(params)
+    return init_sim_state(key, NodeState(params, opt_state))
+
+  def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
+    r, alive = state.round, state.available  # alive [N]
+    keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
+    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data)
+    keep_alive = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    params = jax.tree.map(keep_alive, result.params, state.nodes.params)
+    opt_state = jax.tree.map(keep_alive, result.opt_state, state.nodes.opt_state)
+
+    graph = mixing.renormalize(topology_at(r), alive)
+    params = mixing.mix(graph, params, mixing_mode)
+
+    sent = _models_sent_per_node(graph)  # [N]
+    steps = jnp.where(alive, result.steps, 0)  # [N]
+    n_alive = jnp.sum(alive, dtype=jnp.int32)
+    # Synchronous barrier: the slowest node's training, then one model transfer.
+    seconds = (network.compute_seconds(jnp.max(steps) * learner.batch_size)
+               + network.transfer_seconds(model_bytes))
+    round_sent = jnp.sum(sent)
+    state = state.replace(
+        round=r + 1,
+        nodes=NodeState(params, opt_state),
+        clock=state.clock + seconds,
+        models_sent=state.models_sent + sent,
+        total_models_sent=state.total_models_sent + round_sent)
+    metrics = RoundMetrics(
+        train_loss=jnp.sum(jnp.where(alive, result.loss, 0.0)) / jnp.maximum(n_alive, 1),
+        sim_seconds=seconds,
+        models_sent=round_sent,
+        active_nodes=n_alive,
+        node_steps=jnp.sum(steps))
+    return state, metrics
+
+  def model(state: SimState) -> Params:
+    return node_average(state.nodes.params)
+
+  return Protocol(init, round_, model)
+
+
+def _models_sent_per_node(graph: Topology) -> jax.Array:
+  """Node j sends one model to every other node whose row gives j a positive weight: [N]."""
+  n = graph.idx.shape[0]
+  receives = (graph.weights > 0) & (graph.idx != jnp.arange(n)[:, None])  # [N, k]
+  return jax.ops.segment_sum(receives.astype(jnp.int32).ravel(), graph.idx.ravel(), num_segments=n)

@@ -1,0 +1,92 @@
+"""Federated averaging (McMahan et al., "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS 2017).
+
+Each round the server samples ``s`` of the available clients, sends them the
+global model, each runs local SGD from it, and the server replaces the global
+model by the average of the returned models, weighted by client data size
+(``data_size``, the paper's n_k/n) or uniformly. Only the ``s`` sampled rows are
+gathered, trained and scattered back: a round costs O(s) model work, not O(N).
+Clients start a fresh optimiser state every round (stateless clients).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from decsim.data.sampler import NodeData
+from decsim.network import Network
+from decsim.protocols.base import (Learner, Protocol, broadcast, sample_available, train_nodes,
+                                   weighted_average)
+from decsim.rng import Stream, node_keys, round_key
+from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
+from decsim.types import Params, PRNGKey
+
+WEIGHTINGS = ('data_size', 'uniform')
+
+
+@struct.dataclass
+class FedAvgState:
+  global_params: Params  # the server model
+
+
+def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = 'data_size',
+           network: Network = Network()) -> Protocol:
+  if not 1 <= sample_size <= nodes:
+    raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown weighting {weighting!r}: choose one of {", ".join(WEIGHTINGS)}')
+  model_bytes = learner.model_bytes()
+
+  def init(key: PRNGKey, data: NodeData) -> SimState:
+    del data
+    global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
+    # Node rows hold each client's last local model; they start as the global one.
+    node_states = NodeState(params=broadcast(global_params, nodes), opt_state=())
+    return init_sim_state(key, node_states, FedAvgState(global_params))
+
+  def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
+    r = state.round
+    ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available,
+                                  sample_size)  # [s], [s]
+    params = broadcast(state.extra.global_params, sample_size)
+    opt_state = jax.vmap(learner.tx.init)(params)
+    keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
+    result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
+
+    sizes = data.sizes[ids].astype(jnp.float32)  # [s]
+    weights = (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * valid
+    any_valid = jnp.any(valid)
+    new_global = jax.tree.map(
+        lambda new, old: jnp.where(any_valid, new, old),
+        weighted_average(result.params, jnp.where(any_valid, weights, 1.0)),
+        state.extra.global_params)
+
+    scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
+    node_params = jax.tree.map(lambda all_, new: all_.at[scatter_ids].set(new, mode='drop'),
+                               state.nodes.params, result.params)
+    n_valid = jnp.sum(valid, dtype=jnp.int32)
+    steps = jnp.where(valid, result.steps, 0)  # [s]
+    # The server waits for the slowest client: download, train, upload.
+    seconds = jnp.where(
+        any_valid,
+        2 * network.transfer_seconds(model_bytes)
+        + network.compute_seconds(jnp.max(steps) * learner.batch_size), 0.0)
+    state = state.replace(
+        round=r + 1,
+        nodes=state.nodes.replace(params=node_params),
+        clock=state.clock + seconds,
+        models_sent=state.models_sent.at[scatter_ids].add(1, mode='drop'),
+        total_models_sent=state.total_models_sent + 2 * n_valid,
+        extra=FedAvgState(new_global))
+    metrics = RoundMetrics(
+        train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
+        sim_seconds=seconds,
+        models_sent=2 * n_valid,
+        active_nodes=n_valid,
+        node_steps=jnp.sum(steps))
+    return state, metrics
+
+  def model(state: SimState) -> Params:
+    return state.extra.global_params
+
+  return Protocol(init, round_, model)

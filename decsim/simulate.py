@@ -1,0 +1,133 @@
+"""The run loop: rounds under one jit-compiled ``lax.scan`` per evaluation chunk.
+
+As in purejaxrl, the only Python loop is between chunks of ``eval_every``
+rounds, where the loop evaluates, logs and writes results. Every row of
+``metrics.jsonl`` is flushed as soon as it exists, so an interrupted or
+diverged run keeps everything it had computed.
+"""
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from decsim.data.sampler import NodeData
+from decsim.protocols.base import Protocol
+from decsim.state import SimState
+from decsim.types import PRNGKey
+
+EvaluateFn = Callable[[SimState], dict[str, jax.Array]]
+
+
+class SimulationDiverged(RuntimeError):
+  """Training produced a non-finite loss; metrics up to that point are kept."""
+
+
+def make_chunk(protocol: Protocol, length: int):
+  """``chunk(state, data) -> (state, metrics stacked over length rounds)``."""
+
+  def chunk(state: SimState, data: NodeData):
+    return jax.lax.scan(lambda s, _: protocol.round(s, data), state, None, length=length)
+
+  return chunk
+
+
+def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
+        eval_every: int, model_bytes: int, target_accuracy: float | None = None,
+        out_dir: str | pathlib.Path | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
+
+  Writes ``metrics.jsonl`` (one row per evaluation) and ``summary.json`` into
+  ``out_dir`` when given. Raises ``SimulationDiverged`` on a non-finite loss,
+  after writing the rows so far.
+  """
+  if rounds % eval_every:
+    raise ValueError(f'rounds={rounds} is not a multiple of eval_every={eval_every}')
+  out = pathlib.Path(out_dir) if out_dir is not None else None
+  metrics_file = None
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(out / 'metrics.jsonl', 'w')
+
+  state = jax.jit(protocol.init)(key, data)
+  t0 = time.perf_counter()
+  chunk = jax.jit(make_chunk(protocol, eval_every), donate_argnums=0)
+  chunk = chunk.lower(state, data).compile()
+  evaluate = jax.jit(evaluate)
+  evaluate.lower(state).compile()
+  compile_seconds = time.perf_counter() - t0
+
+  rows, run_seconds, node_steps = [], 0.0, 0
+  try:
+    for _ in range(rounds // eval_every):
+      t = time.perf_counter()
+      state, metrics = chunk(state, data)
+      jax.block_until_ready(state)
+      run_seconds += time.perf_counter() - t
+      node_steps += int(jnp.sum(metrics.node_steps))
+      row = _row(state, metrics, evaluate(state), model_bytes)
+      rows.append(row)
+      if metrics_file:
+        metrics_file.write(json.dumps(row) + '\n')
+        metrics_file.flush()
+      log(_progress(row, rounds, run_seconds))
+      if not math.isfinite(row['train_loss']) or not math.isfinite(row['loss']):
+        raise SimulationDiverged(
+            f'training diverged by round {row["round"]}: loss is {row["train_loss"]}; '
+            'lower --lr or use --optimizer=sgd with smaller steps')
+  finally:
+    if metrics_file:
+      metrics_file.close()
+    summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
+    if out is not None:
+      (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  return summary
+
+
+def _row(state: SimState, metrics, evals: dict[str, jax.Array], model_bytes: int) -> dict[str, Any]:
+  """One metrics.jsonl row; simulated quantities only, so rows are deterministic."""
+  total_sent = int(state.total_models_sent)
+  row = {
+      'round': int(state.round),
+      'train_loss': float(jnp.mean(metrics.train_loss)),
+      'sim_seconds': float(state.clock),
+      'models_sent': total_sent,
+      'bytes_total': total_sent * model_bytes,
+  }
+  row.update({k: float(v) for k, v in evals.items()})
+  return row
+
+
+def _progress(row: dict[str, Any], rounds: int, run_seconds: float) -> str:
+  rate = row['round'] / max(run_seconds, 1e-9)
+  eta = (rounds - row['round']) / max(rate, 1e-9)
+  return (f'round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {row["loss"]:.4f}  '
+          f'sim {row["sim_seconds"]:9.1f}s  bytes {row["bytes_total"]:.3e}  '
+          f'{rate:7.1f} rounds/s  eta {eta:6.1f}s')
+
+
+def summarize(rows: list[dict[str, Any]], target_accuracy: float | None, compile_seconds: float,
+              run_seconds: float, node_steps: int) -> dict[str, Any]:
+  """Final and best accuracy, and the first evaluation at or above the target."""
+  hit = next((r for r in rows if target_accuracy is not None
+              and r['accuracy'] >= target_accuracy), None)
+  return {
+      'final_accuracy': rows[-1]['accuracy'] if rows else None,
+      'best_accuracy': max((r['accuracy'] for r in rows), default=None),
+      'rounds': rows[-1]['round'] if rows else 0,
+      'target_accuracy': target_accuracy,
+      'rounds_to_target': hit['round'] if hit else None,
+      'seconds_to_target': hit['sim_seconds'] if hit else None,
+      'bytes_to_target': hit['bytes_total'] if hit else None,
+      'sim_seconds': rows[-1]['sim_seconds'] if rows else 0.0,
+      'bytes_total': rows[-1]['bytes_total'] if rows else 0,
+      'wall_seconds': run_seconds,
+      'compile_seconds': compile_seconds,
+      'node_steps_per_second': node_steps / run_seconds if run_seconds > 0 else None,
+  }
