@@ -96,6 +96,8 @@ def validate(c: ExperimentConfig) -> None:
   _check(c.alpha > 0, f'--alpha={c.alpha} must be > 0 (small: label skew; large: near IID)')
   _check(c.shards_per_node >= 1, f'--shards_per_node={c.shards_per_node} must be at least 1')
   if c.protocol == 'fedavg':
+    _check(c.init == 'shared', '--init=independent has no meaning for --protocol=fedavg (one '
+           'server model); drop --init or use a decentralized protocol')
     _check(1 <= c.sample_size <= c.nodes,
            f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
   if c.protocol in DECENTRALIZED:

@@ -63,7 +63,7 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   evaluate.lower(state).compile()
   compile_seconds = time.perf_counter() - t0
 
-  rows, run_seconds, node_steps = [], 0.0, 0
+  rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
   try:
     for _ in range(rounds // eval_every):
       t = time.perf_counter()
@@ -72,19 +72,23 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
       run_seconds += time.perf_counter() - t
       node_steps += int(jnp.sum(metrics.node_steps))
       row = _row(state, metrics, evaluate(state), model_bytes)
+      diverged = not all(math.isfinite(row[k]) for k in ('train_loss', 'loss'))
+      row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
       rows.append(row)
       if metrics_file:
         metrics_file.write(json.dumps(row) + '\n')
         metrics_file.flush()
       log(_progress(row, rounds, run_seconds))
-      if not math.isfinite(row['train_loss']) or not math.isfinite(row['loss']):
+      if diverged:
+        status = 'diverged'
         raise SimulationDiverged(
-            f'training diverged by round {row["round"]}: loss is {row["train_loss"]}; '
-            'lower --lr or use --optimizer=sgd with smaller steps')
+            f'training diverged by round {row["round"]}: the loss is not finite; lower --lr '
+            f'(metrics so far are kept in {out or "the returned rows"})')
   finally:
     if metrics_file:
       metrics_file.close()
     summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
+    summary['status'] = status
     if out is not None:
       (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
@@ -107,7 +111,8 @@ def _row(state: SimState, metrics, evals: dict[str, jax.Array], model_bytes: int
 def _progress(row: dict[str, Any], rounds: int, run_seconds: float) -> str:
   rate = row['round'] / max(run_seconds, 1e-9)
   eta = (rounds - row['round']) / max(rate, 1e-9)
-  return (f'round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {row["loss"]:.4f}  '
+  loss = 'nan' if row['loss'] is None else f'{row["loss"]:.4f}'
+  return (f'round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {loss}  '
           f'sim {row["sim_seconds"]:9.1f}s  bytes {row["bytes_total"]:.3e}  '
           f'{rate:7.1f} rounds/s  eta {eta:6.1f}s')
 

@@ -3,6 +3,12 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore fresh examples locally but are reproducible in CI.
+settings.register_profile('ci', derandomize=True, deadline=None)
+settings.register_profile('dev', deadline=None)
+settings.load_profile('ci' if os.environ.get('CI') else 'dev')
 
 os.environ.setdefault('DECSIM_CACHE', os.path.join(os.path.dirname(__file__), '..', '.cache'))
 

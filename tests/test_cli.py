@@ -55,3 +55,14 @@ def test_run_writes_outputs_and_table(tmp_path):
   assert config['nodes'] == 10 and config['model'] == 'logistic'
   assert (run / 'accuracy.png').stat().st_size > 0
   assert 'final_accuracy' in proc.stdout
+
+
+def test_divergence_stops_with_one_line_and_keeps_metrics(tmp_path):
+  proc = _decsim(['--num_samples=1000', '--nodes=10', '--sample_size=5', '--model=mlp',
+                  '--rounds=6', '--eval_every=2', '--lr=1e8'], tmp_path)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and 'diverged by round 2' in lines[0] and '--lr' in lines[0]
+  rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[0]['round'] == 2 and rows[0]['loss'] is None  # strict JSON: null, not NaN
+  assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['status'] == 'diverged'

@@ -67,6 +67,7 @@ def test_dirichlet_covers_every_sample_once(m, nodes, classes, alpha, seed):
 @given(m=st.integers(2, 300), nodes=st.integers(1, 30), spn=st.integers(1, 4),
        classes=st.integers(1, 10), seed=st.integers(0, 2**16))
 def test_shards_cover_every_sample_once(m, nodes, spn, classes, seed):
+  spn = min(spn, m)
   nodes = max(1, min(nodes, m // spn))
   labels = np.random.default_rng(seed).integers(0, classes, m)
   part = P.shards(labels, nodes, spn, seed)

@@ -1,0 +1,66 @@
+"""Workloads shared by the benchmarks: random MNIST-shaped data and a learner per model.
+
+Random data is enough to time a step (the FLOPs do not depend on the values),
+and needs no download.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decsim import experiment
+from decsim.data import partition as partition_lib
+from decsim.data.sampler import NodeData
+from decsim.data.sources import ArrayDataset
+
+INPUT_SHAPES = {'logistic': (28, 28, 1), 'mlp': (28, 28, 1), 'lenet': (28, 28, 1),
+                'gn_lenet': (32, 32, 3)}
+
+
+def random_dataset(input_shape, samples: int, seed: int = 0) -> ArrayDataset:
+  rng = np.random.default_rng(seed)
+  x = rng.random((samples, *input_shape), dtype=np.float32)
+  y = rng.integers(0, 10, samples).astype(np.int32)
+  return ArrayDataset('random', x, y, x[:100], y[:100], 10)
+
+
+def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps: int = 1,
+             batch_size: int = 32, node_chunk: int = -1, protocol: str = 'dpsgd',
+             sample_size: int = 10, degree: int = 4):
+  """(config, learner, data) for ``model`` at ``nodes`` nodes on random data."""
+  config = experiment.ExperimentConfig(
+      protocol=protocol, model=model, nodes=nodes, local_steps=local_steps,
+      batch_size=batch_size, node_chunk=node_chunk, topology='kregular', degree=degree,
+      sample_size=min(sample_size, nodes), momentum=0.0)
+  dataset = random_dataset(INPUT_SHAPES[model], nodes * samples_per_node)
+  part = partition_lib.make_partition('iid', dataset.y_train, nodes, seed=0)
+  data = NodeData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), part.idx,
+                  part.sizes)
+  learner, _ = experiment.make_learner(config, dataset)
+  return config, learner, data
+
+
+def timed(fn, *args, repeats: int = 3) -> float:
+  """Median wall seconds of ``fn(*args)`` after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def machine() -> dict:
+  import os
+  import platform
+  return {'platform': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
+          'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
+          'jax': jax.__version__}
+
+
+def replace(config, **kw):
+  return dataclasses.replace(config, **kw)
