@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decsim import churn as churn_lib
 from decsim import metrics as metrics_lib
+from decsim import network as network_lib
 from decsim import simulate
 from decsim.data import partition as partition_lib
 from decsim.data import sources
@@ -24,9 +26,10 @@ from decsim.models import MODELS, build_model
 from decsim.protocols.base import Learner, Protocol
 from decsim.protocols.dpsgd import dpsgd
 from decsim.protocols.fedavg import WEIGHTINGS, fedavg
+from decsim.protocols.modest import modest
 from decsim import topology as topology_lib
 
-PROTOCOLS = ('fedavg', 'dpsgd')
+PROTOCOLS = ('fedavg', 'dpsgd', 'modest')
 DECENTRALIZED = ('dpsgd',)
 TOPOLOGIES = (*topology_lib.TOPOLOGIES, 'one_peer_exponential')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
@@ -69,6 +72,32 @@ class ExperimentConfig:
   target_accuracy: float = 0.8
   seed: int = 0
   node_chunk: int = -1
+  # FedAvg and MoDeST
+  success_fraction: float = 1.0
+  # MoDeST
+  aggregators: int = 1
+  ping_timeout: float = 2.0
+  inactivity_threshold: int = 20
+  # Network (decsim.network.NetworkConfig)
+  sites: int = 20
+  latency_file: str | None = None
+  upload_mbps: float = 0.0
+  download_mbps: float = 0.0
+  bandwidth_sigma: float = 0.0
+  samples_per_second: float = 1000.0
+  compute_sigma: float = 0.0
+  compute_file: str | None = None
+  # Churn (decsim.churn.ChurnConfig)
+  p_online: float = 1.0
+  crash_start_seconds: float = float('inf')
+  crash_every_seconds: float = 60.0
+  crash_batch: int = 5
+  crash_fraction: float = 0.0
+  crash_graceful: bool = False
+  join_nodes: int = 0
+  join_start_seconds: float = 0.0
+  join_every_seconds: float = 60.0
+  trace_file: str | None = None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -95,6 +124,19 @@ def validate(c: ExperimentConfig) -> None:
   _check(c.num_samples >= 0, f'--num_samples={c.num_samples} must be >= 0 (0: the whole dataset)')
   _check(c.alpha > 0, f'--alpha={c.alpha} must be > 0 (small: label skew; large: near IID)')
   _check(c.shards_per_node >= 1, f'--shards_per_node={c.shards_per_node} must be at least 1')
+  if c.protocol in ('fedavg', 'modest'):
+    _check(0 < c.success_fraction <= 1,
+           f'--success_fraction={c.success_fraction} must be in (0, 1]')
+  if c.protocol == 'modest':
+    _check(1 <= c.sample_size <= c.nodes,
+           f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
+    _check(1 <= c.aggregators <= c.nodes,
+           f'--aggregators={c.aggregators} must be in 1..--nodes={c.nodes}')
+    _check(c.ping_timeout >= 0, f'--ping_timeout={c.ping_timeout} must be >= 0 seconds')
+    _check(c.inactivity_threshold >= 1,
+           f'--inactivity_threshold={c.inactivity_threshold} must be at least 1 round')
+    _check(c.init == 'shared', '--init=independent has no meaning for --protocol=modest (one '
+           'model travels between samples); drop --init')
   if c.protocol == 'fedavg':
     _check(c.init == 'shared', '--init=independent has no meaning for --protocol=fedavg (one '
            'server model); drop --init or use a decentralized protocol')
@@ -172,15 +214,38 @@ def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset) -> tuple[Le
   return learner, apply_fn
 
 
+def _sub_config(cls, c: ExperimentConfig):
+  """The fields of ``cls`` (a config dataclass) taken from the flat experiment config."""
+  return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
+
+
+def make_network(c: ExperimentConfig) -> network_lib.Network:
+  return network_lib.make_network(_sub_config(network_lib.NetworkConfig, c), c.nodes, c.seed)
+
+
 def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
+  """The protocol of ``c`` on its simulated network, wrapped in its churn schedule."""
+  network = make_network(c)
+  churn = _sub_config(churn_lib.ChurnConfig, c)
+  availability = churn_lib.make_availability(churn, c.nodes, c.seed) if churn.enabled else None
   if c.protocol == 'fedavg':
-    return fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting)
-  if c.topology == 'one_peer_exponential':
-    graph = lambda r: topology_lib.one_peer_exponential(c.nodes, r)
+    protocol = fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting,
+                      network=network, server=network_lib.lowest_median_latency_node(network),
+                      success_fraction=c.success_fraction)
+  elif c.protocol == 'modest':
+    protocol = modest(learner, nodes=c.nodes, sample_size=c.sample_size,
+                      aggregators=c.aggregators, success_fraction=c.success_fraction,
+                      ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
+                      network=network, availability=availability)
   else:
-    graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
-                                        p=c.edge_probability, seed=c.seed)
-  return dpsgd(learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing)
+    if c.topology == 'one_peer_exponential':
+      graph = lambda r: topology_lib.one_peer_exponential(c.nodes, r)
+    else:
+      graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
+                                          p=c.edge_probability, seed=c.seed)
+    protocol = dpsgd(learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing,
+                     network=network)
+  return churn_lib.with_churn(protocol, availability) if availability else protocol
 
 
 def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax.Array,
@@ -225,7 +290,8 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
     (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
   summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(c.seed),
                          rounds=c.rounds, eval_every=c.eval_every,
-                         model_bytes=exp.learner.model_bytes(),
+                         message_bytes=network_lib.message_bytes(exp.learner.model_bytes(),
+                                                                 c.nodes),
                          target_accuracy=c.target_accuracy, out_dir=out_dir, log=log)
   if out_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory

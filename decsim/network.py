@@ -1,26 +1,184 @@
-"""Simulated time: how long transfers and local computation take.
+"""Simulated time and message sizes: where nodes sit, how long transfers and training take.
 
-This is the homogeneous first model: one one-way latency, one bandwidth and one
-compute speed for every node. A transfer of B bytes takes
-``latency + B / bandwidth``; training on S samples takes ``S / samples_per_second``.
-Per-site latency matrices, per-node bandwidth and compute heterogeneity (MoDeST's
-evaluation) extend this module without changing the protocols' use of it.
+Nodes sit on ``S`` sites, assigned round-robin (node i on site i mod S). A
+transfer of B bytes from node i to node j takes
+
+    latency[site_i, site_j] + B / min(upload_i, download_j)
+
+and training on n samples takes ``n / speed_i``. This is the model MoDeST (de Vos
+et al. 2023) evaluates on: a site-to-site latency matrix, model transfer times
+and compute times. Bandwidth is per node and unshared (a node sending to many
+peers at once is not slowed down); a protocol's round time is the path it waits
+for, computed by the protocol from these two primitives.
+
+The default latency matrix places ``S`` sites uniformly on the globe and takes
+the great-circle distance at 2/3 the speed of light with a 2x route inflation,
+plus 1 ms inside a site: one-way latencies from about 1 ms to 200 ms, the spread
+of intercontinental WAN paths.
 """
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+KINDS = ('model', 'view', 'ping')  # message kinds counted by every protocol
+MODEL, VIEW, PING = range(3)
+PING_BYTES = 64  # a ping or its reply: headers and two node ids
+VIEW_BYTES_PER_NODE = 8  # a view entry: last-active round and membership counter (int32 each)
+
+_EARTH_RADIUS_KM = 6371.0
+_FIBRE_KM_PER_S = 200_000.0  # light in fibre, ~2/3 c
+_ROUTE_INFLATION = 2.0
+_SAME_SITE_S = 0.001
+
+
+class NetworkError(ValueError):
+  """A bad network setting or file; the message names the flag and the fix."""
+
+
+@struct.dataclass
+class Network:
+  site: jax.Array  # [N] int32 site of each node
+  latency: jax.Array  # [S, S] float32 one-way seconds
+  upload: jax.Array  # [N] float32 bytes/s (inf: unlimited)
+  download: jax.Array  # [N] float32 bytes/s (inf: unlimited)
+  speed: jax.Array  # [N] float32 training samples/s
+
+  @property
+  def num_nodes(self) -> int:
+    return self.site.shape[0]
+
+  def transfer_seconds(self, src: jax.Array, dst: jax.Array, nbytes) -> jax.Array:
+    """Seconds for ``nbytes`` from node(s) ``src`` to node(s) ``dst`` (broadcasting)."""
+    bandwidth = jnp.minimum(self.upload[src], self.download[dst])
+    return self.latency[self.site[src], self.site[dst]] + jnp.float32(nbytes) / bandwidth
+
+  def compute_seconds(self, nodes: jax.Array, samples: jax.Array) -> jax.Array:
+    return jnp.asarray(samples, jnp.float32) / self.speed[nodes]
+
+
+def globe_latency(sites: int, seed: int = 0) -> np.ndarray:
+  """[S, S] one-way seconds between ``sites`` random points on the globe."""
+  rng = np.random.default_rng(seed)
+  lon = rng.uniform(-np.pi, np.pi, sites)
+  lat = np.arcsin(rng.uniform(-1, 1, sites))  # uniform on the sphere
+  dlat = lat[:, None] - lat[None, :]
+  dlon = lon[:, None] - lon[None, :]
+  h = np.sin(dlat / 2) ** 2 + np.cos(lat[:, None]) * np.cos(lat[None, :]) * np.sin(dlon / 2) ** 2
+  km = 2 * _EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
+  return (_SAME_SITE_S + _ROUTE_INFLATION * km / _FIBRE_KM_PER_S).astype(np.float32)
+
+
+def read_rows(path: str | pathlib.Path) -> list[list[float]]:
+  """Rows of numbers from a text file (comma or white space separated, # comments).
+
+  Raises OSError when unreadable, ValueError on a non-number.
+  """
+  text = pathlib.Path(path).read_text()
+  return [[float(v) for v in line.replace(',', ' ').split()]
+          for line in text.splitlines() if line.strip() and not line.lstrip().startswith('#')]
+
+
+def load_latency(path: str | pathlib.Path) -> np.ndarray:
+  """An S x S matrix of one-way latencies in milliseconds (CSV, comma or space separated)."""
+  fix = 'give a CSV of one-way milliseconds, one row per site'
+  try:
+    rows = read_rows(path)
+  except OSError as e:
+    raise NetworkError(f'--latency_file={path} cannot be read ({e.strerror}); {fix}') from None
+  except ValueError:
+    raise NetworkError(f'--latency_file={path} is not a numeric matrix; {fix}') from None
+  if not rows or any(len(r) != len(rows) for r in rows):
+    raise NetworkError(f'--latency_file={path} must be a square S x S matrix, got {len(rows)} '
+                       f'rows of lengths {sorted({len(r) for r in rows})}; {fix}')
+  matrix = np.asarray(rows, np.float64)
+  if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+    raise NetworkError(f'--latency_file={path} has negative or non-finite entries; latencies '
+                       'are milliseconds >= 0')
+  return (matrix / 1000.0).astype(np.float32)
+
+
+def _per_node(rng: np.random.Generator, n: int, mean: float, sigma: float) -> np.ndarray:
+  """``mean`` for every node, or lognormal around it (median ``mean``) when sigma > 0."""
+  if sigma <= 0:
+    return np.full(n, mean, np.float32)
+  return (mean * rng.lognormal(0.0, sigma, n)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class Network:
-  latency_seconds: float = 0.05  # one-way, every pair of nodes
-  bandwidth_bytes_per_second: float = 12.5e6  # 100 Mbit/s up and down
-  samples_per_second: float = 1000.0  # local training throughput of one node
+class NetworkConfig:
+  sites: int = 20
+  latency_file: str | None = None
+  upload_mbps: float = 0.0  # 0: unlimited
+  download_mbps: float = 0.0  # 0: unlimited
+  bandwidth_sigma: float = 0.0  # lognormal spread of per-node bandwidth
+  samples_per_second: float = 1000.0
+  compute_sigma: float = 0.0  # lognormal spread of per-node speed
+  compute_file: str | None = None  # one samples/s value per node
 
-  def transfer_seconds(self, nbytes: float | jax.Array) -> jax.Array:
-    return jnp.float32(self.latency_seconds) + jnp.float32(nbytes) / self.bandwidth_bytes_per_second
 
-  def compute_seconds(self, samples: jax.Array) -> jax.Array:
-    return jnp.asarray(samples, jnp.float32) / self.samples_per_second
+def make_network(config: NetworkConfig, nodes: int, seed: int = 0) -> Network:
+  rng = np.random.default_rng(seed + 7)
+  if config.latency_file:
+    latency = load_latency(config.latency_file)
+  else:
+    if config.sites < 1:
+      raise NetworkError(f'--sites={config.sites} must be at least 1')
+    latency = globe_latency(config.sites, seed)
+  sites = latency.shape[0]
+
+  def bandwidth(mbps):
+    if mbps < 0:
+      raise NetworkError(f'bandwidth {mbps} Mbit/s must be >= 0 (0: unlimited)')
+    if mbps == 0:
+      return np.full(nodes, np.inf, np.float32)
+    return _per_node(rng, nodes, mbps * 1e6 / 8, config.bandwidth_sigma)
+
+  if config.compute_file:
+    speed = _load_speeds(config.compute_file, nodes)
+  else:
+    if config.samples_per_second <= 0:
+      raise NetworkError(f'--samples_per_second={config.samples_per_second} must be > 0')
+    speed = _per_node(rng, nodes, config.samples_per_second, config.compute_sigma)
+  return Network(site=jnp.asarray(np.arange(nodes) % sites, jnp.int32),
+                 latency=jnp.asarray(latency),
+                 upload=jnp.asarray(bandwidth(config.upload_mbps)),
+                 download=jnp.asarray(bandwidth(config.download_mbps)),
+                 speed=jnp.asarray(speed))
+
+
+def _load_speeds(path: str, nodes: int) -> np.ndarray:
+  try:
+    values = np.asarray([v for row in read_rows(path) for v in row], np.float64)
+  except (OSError, ValueError) as e:
+    raise NetworkError(f'--compute_file={path} cannot be read as numbers ({e}); give one '
+                       'samples/s value per node') from None
+  if values.shape != (nodes,) or not np.all(values > 0):
+    raise NetworkError(f'--compute_file={path} must hold {nodes} positive samples/s values '
+                       f'(one per node), got {values.size}')
+  return values.astype(np.float32)
+
+
+def uniform_network(nodes: int, *, latency: float = 0.05, bandwidth: float = np.inf,
+                    speed: float = 1000.0) -> Network:
+  """One site, one latency, one bandwidth and one speed for every node (tests, quick runs)."""
+  return Network(site=jnp.zeros((nodes,), jnp.int32),
+                 latency=jnp.full((1, 1), latency, jnp.float32),
+                 upload=jnp.full((nodes,), bandwidth, jnp.float32),
+                 download=jnp.full((nodes,), bandwidth, jnp.float32),
+                 speed=jnp.full((nodes,), speed, jnp.float32))
+
+
+def lowest_median_latency_node(network: Network) -> int:
+  """The node whose median latency to all nodes is lowest: MoDeST's FL server."""
+  to_all = np.asarray(network.latency)[np.asarray(network.site)][:, np.asarray(network.site)]
+  return int(np.argmin(np.median(to_all, axis=1)))
+
+
+def message_bytes(model_bytes: int, nodes: int) -> tuple[int, int, int]:
+  """Bytes of one message of each kind in ``KINDS``."""
+  return (model_bytes, VIEW_BYTES_PER_NODE * nodes, PING_BYTES)

@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decsim.data.sampler import NodeData
+from decsim.network import KINDS, MODEL
 from decsim.protocols.base import Protocol
 from decsim.state import SimState
 from decsim.types import PRNGKey
@@ -38,7 +40,7 @@ def make_chunk(protocol: Protocol, length: int):
 
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
-        eval_every: int, model_bytes: int, target_accuracy: float | None = None,
+        eval_every: int, message_bytes: tuple[int, ...], target_accuracy: float | None = None,
         out_dir: str | pathlib.Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
@@ -71,7 +73,7 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
       jax.block_until_ready(state)
       run_seconds += time.perf_counter() - t
       node_steps += int(jnp.sum(metrics.node_steps))
-      row = _row(state, metrics, evaluate(state), model_bytes)
+      row = _row(state, metrics, evaluate(state), message_bytes)
       diverged = not all(math.isfinite(row[k]) for k in ('train_loss', 'loss'))
       row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
       rows.append(row)
@@ -94,15 +96,18 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   return summary
 
 
-def _row(state: SimState, metrics, evals: dict[str, jax.Array], model_bytes: int) -> dict[str, Any]:
+def _row(state: SimState, metrics, evals: dict[str, jax.Array],
+         message_bytes: tuple[int, ...]) -> dict[str, Any]:
   """One metrics.jsonl row; simulated quantities only, so rows are deterministic."""
-  total_sent = int(state.total_models_sent)
+  counts = np.asarray(state.sent).sum(axis=0)  # [K]
+  by_kind = {f'bytes_{kind}': int(c) * b for kind, c, b in zip(KINDS, counts, message_bytes)}
   row = {
       'round': int(state.round),
       'train_loss': float(jnp.mean(metrics.train_loss)),
       'sim_seconds': float(state.clock),
-      'models_sent': total_sent,
-      'bytes_total': total_sent * model_bytes,
+      'models_sent': int(counts[MODEL]),
+      'bytes_total': sum(by_kind.values()),
+      **by_kind,
   }
   row.update({k: float(v) for k, v in evals.items()})
   return row
@@ -132,6 +137,7 @@ def summarize(rows: list[dict[str, Any]], target_accuracy: float | None, compile
       'bytes_to_target': hit['bytes_total'] if hit else None,
       'sim_seconds': rows[-1]['sim_seconds'] if rows else 0.0,
       'bytes_total': rows[-1]['bytes_total'] if rows else 0,
+      'bytes_breakdown': {k: rows[-1][f'bytes_{k}'] if rows else 0 for k in KINDS},
       'wall_seconds': run_seconds,
       'compile_seconds': compile_seconds,
       'node_steps_per_second': node_steps / run_seconds if run_seconds > 0 else None,

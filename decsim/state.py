@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from decsim.network import KINDS
 from decsim.types import PRNGKey, Stacked
 
 
@@ -36,8 +37,7 @@ class SimState:
   key: PRNGKey  # [] root key of the run
   nodes: NodeState  # stacked over N
   clock: jax.Array  # [] float32, simulated seconds elapsed
-  models_sent: jax.Array  # [N] int32, model transfers each node has sent
-  total_models_sent: jax.Array  # [] int32, all transfers, servers included
+  sent: jax.Array  # [N, K] int32 messages each node has sent, per kind (network.KINDS)
   available: jax.Array  # [N] bool, nodes online this round
   extra: Any = None  # protocol-specific pytree (e.g. FedAvg's global model)
 
@@ -48,7 +48,7 @@ class RoundMetrics:
 
   train_loss: jax.Array  # [] mean local training loss of the nodes that trained
   sim_seconds: jax.Array  # [] simulated duration of this round
-  models_sent: jax.Array  # [] model transfers in this round, all nodes
+  messages: jax.Array  # [K] int32 messages sent in this round, per kind (network.KINDS)
   active_nodes: jax.Array  # [] int32, nodes that trained this round
   node_steps: jax.Array  # [] int32, local optimiser steps summed over nodes
 
@@ -60,8 +60,7 @@ def init_sim_state(key: PRNGKey, nodes: NodeState, extra: Any = None) -> SimStat
       key=key,
       nodes=nodes,
       clock=jnp.zeros((), jnp.float32),
-      models_sent=jnp.zeros((n,), jnp.int32),
-      total_models_sent=jnp.zeros((), jnp.int32),
+      sent=jnp.zeros((n, len(KINDS)), jnp.int32),
       available=jnp.ones((n,), bool),
       extra=extra,
   )

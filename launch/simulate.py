@@ -15,7 +15,9 @@ import sys
 from absl import app, flags, logging
 
 from decsim import experiment
+from decsim.churn import ChurnError
 from decsim.data.sources import DataError
+from decsim.network import NetworkError
 from decsim.experiment import ExperimentConfig
 from decsim.simulate import SimulationDiverged
 from decsim.topology import TopologyError
@@ -55,11 +57,43 @@ flags.DEFINE_float('target_accuracy', _D.target_accuracy, 'Accuracy for *_to_tar
 flags.DEFINE_integer('seed', _D.seed, 'Seed of data, partition, graph, init and every draw.')
 flags.DEFINE_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk of local training: '
                      '-1 auto (by model on CPU, one vmap on GPU), 0 one vmap, k > 0 chunks of k.')
+# FedAvg and MoDeST
+flags.DEFINE_float('success_fraction', _D.success_fraction, 'FedAvg/MoDeST: aggregate once '
+                   'ceil(sf * s) models arrived; later ones are ignored.')
+# MoDeST (de Vos et al. 2023)
+flags.DEFINE_integer('aggregators', _D.aggregators, 'MoDeST: aggregators per round (a).')
+flags.DEFINE_float('ping_timeout', _D.ping_timeout, 'MoDeST: simulated seconds a ping to a '
+                   'crashed candidate costs.')
+flags.DEFINE_integer('inactivity_threshold', _D.inactivity_threshold, 'MoDeST: rounds without '
+                     'activity after which a node leaves the samples.')
+# Simulated network
+flags.DEFINE_integer('sites', _D.sites, 'Sites on the globe; node i sits on site i mod S.')
+flags.DEFINE_string('latency_file', _D.latency_file, 'CSV S x S one-way latencies in ms '
+                    '(replaces the generated globe).')
+flags.DEFINE_float('upload_mbps', _D.upload_mbps, 'Per-node upload Mbit/s (0: unlimited).')
+flags.DEFINE_float('download_mbps', _D.download_mbps, 'Per-node download Mbit/s (0: unlimited).')
+flags.DEFINE_float('bandwidth_sigma', _D.bandwidth_sigma, 'Lognormal spread of bandwidths.')
+flags.DEFINE_float('samples_per_second', _D.samples_per_second, 'Training speed of a node.')
+flags.DEFINE_float('compute_sigma', _D.compute_sigma, 'Lognormal spread of node speeds.')
+flags.DEFINE_string('compute_file', _D.compute_file, 'One samples/s value per node.')
+# Churn
+flags.DEFINE_float('p_online', _D.p_online, 'Probability a node is online in a round.')
+flags.DEFINE_float('crash_start_seconds', _D.crash_start_seconds, 'First crashes (sim seconds).')
+flags.DEFINE_float('crash_every_seconds', _D.crash_every_seconds, 'Seconds between crash batches.')
+flags.DEFINE_integer('crash_batch', _D.crash_batch, 'Nodes per crash batch.')
+flags.DEFINE_float('crash_fraction', _D.crash_fraction, 'Crashes stop when this fraction is down.')
+flags.DEFINE_bool('crash_graceful', _D.crash_graceful, 'Scheduled nodes leave gracefully.')
+flags.DEFINE_integer('join_nodes', _D.join_nodes, 'Nodes that start offline and join later.')
+flags.DEFINE_float('join_start_seconds', _D.join_start_seconds, 'First join (sim seconds).')
+flags.DEFINE_float('join_every_seconds', _D.join_every_seconds, 'Seconds between joins.')
+flags.DEFINE_string('trace_file', _D.trace_file, '0/1 availability, a row per round, a column '
+                    'per node.')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS
 
-USER_ERRORS = (experiment.ConfigError, DataError, TopologyError, SimulationDiverged)
+USER_ERRORS = (experiment.ConfigError, DataError, TopologyError, NetworkError, ChurnError,
+               SimulationDiverged)
 
 
 def config_from_flags() -> ExperimentConfig:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decsim import experiment, simulate
+from decsim import experiment, network, simulate
 from decsim.protocols.base import Protocol, sample_available
 
 
@@ -19,7 +19,9 @@ def _run(config, tmp_path=None, protocol_wrap=None):
   protocol = protocol_wrap(exp.protocol) if protocol_wrap else exp.protocol
   summary = simulate.run(protocol, exp.data, exp.evaluate, key=jax.random.key(config.seed),
                          rounds=config.rounds, eval_every=config.eval_every,
-                         model_bytes=exp.learner.model_bytes(), out_dir=tmp_path,
+                         message_bytes=network.message_bytes(exp.learner.model_bytes(),
+                                                             config.nodes),
+                         out_dir=tmp_path,
                          log=lambda _: None)
   return exp, summary
 
@@ -52,11 +54,11 @@ def test_fedavg_bytes_and_scatter_touch_only_sampled_rows(tiny_config):
   state = exp.protocol.init(jax.random.key(0), exp.data)
   before = state.nodes.params
   new, metrics = jax.jit(exp.protocol.round)(state, exp.data)
-  assert int(metrics.models_sent) == 2 * 5  # one download, one upload per sampled client
-  assert int(jnp.sum(new.models_sent)) == 5
+  assert int(metrics.messages[network.MODEL]) == 2 * 5  # one download, one upload per client
+  assert int(jnp.sum(new.sent[:, network.MODEL])) == 2 * 5
   changed = np.asarray(jax.tree.leaves(jax.tree.map(
       lambda a, b: jnp.any(a != b, axis=tuple(range(1, a.ndim))), before, new.nodes.params))[0])
-  assert changed.sum() == 5 and np.all(np.asarray(new.models_sent)[changed] == 1)
+  assert changed.sum() == 5
 
 
 def test_dpsgd_sends_one_model_per_directed_edge(tiny_config):
@@ -65,8 +67,8 @@ def test_dpsgd_sends_one_model_per_directed_edge(tiny_config):
   exp = experiment.build(config)
   state = exp.protocol.init(jax.random.key(0), exp.data)
   state, metrics = jax.jit(exp.protocol.round)(state, exp.data)
-  assert int(metrics.models_sent) == 12 * 4
-  np.testing.assert_array_equal(state.models_sent, 4)
+  assert int(metrics.messages[network.MODEL]) == 12 * 4
+  np.testing.assert_array_equal(state.sent[:, network.MODEL], 4)
 
 
 def test_dpsgd_dense_and_sparse_mixing_agree(tiny_config):
@@ -92,7 +94,7 @@ def test_offline_nodes_neither_train_nor_change(tiny_config):
   for a, b in zip(jax.tree.leaves(state.nodes.params), jax.tree.leaves(new.nodes.params)):
     np.testing.assert_array_equal(a[~alive], b[~alive])
   assert int(metrics.active_nodes) == 8
-  np.testing.assert_array_equal(new.models_sent[~alive], 0)
+  np.testing.assert_array_equal(new.sent[~alive], 0)
 
 
 def test_sample_available_draws_distinct_available_nodes():

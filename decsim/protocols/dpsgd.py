@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from decsim import mixing
 from decsim.data.sampler import NodeData
-from decsim.network import Network
+from decsim.network import MODEL, Network, uniform_network
 from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
 from decsim.rng import Stream, node_keys
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
@@ -28,8 +28,9 @@ TopologyFn = Callable[[jax.Array], Topology]  # round -> graph of that round
 
 
 def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
-          mixing_mode: str = 'auto', network: Network = Network()) -> Protocol:
+          mixing_mode: str = 'auto', network: Network | None = None) -> Protocol:
   topology_at = topology if callable(topology) else (lambda r: topology)
+  network = network if network is not None else uniform_network(nodes)
   model_bytes = learner.model_bytes()
 
   def init(key: PRNGKey, data: NodeData) -> SimState:
@@ -52,20 +53,17 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
     sent = _models_sent_per_node(graph)  # [N]
     steps = jnp.where(alive, result.steps, 0)  # [N]
     n_alive = jnp.sum(alive, dtype=jnp.int32)
-    # Synchronous barrier: the slowest node's training, then one model transfer.
-    seconds = (network.compute_seconds(jnp.max(steps) * learner.batch_size)
-               + network.transfer_seconds(model_bytes))
+    seconds = _barrier_seconds(network, graph, steps * learner.batch_size, alive, model_bytes)
     round_sent = jnp.sum(sent)
     state = state.replace(
         round=r + 1,
         nodes=NodeState(params, opt_state),
         clock=state.clock + seconds,
-        models_sent=state.models_sent + sent,
-        total_models_sent=state.total_models_sent + round_sent)
+        sent=state.sent.at[:, MODEL].add(sent))
     metrics = RoundMetrics(
         train_loss=jnp.sum(jnp.where(alive, result.loss, 0.0)) / jnp.maximum(n_alive, 1),
         sim_seconds=seconds,
-        models_sent=round_sent,
+        messages=jnp.zeros((3,), jnp.int32).at[MODEL].set(round_sent),
         active_nodes=n_alive,
         node_steps=jnp.sum(steps))
     return state, metrics
@@ -74,6 +72,19 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
     return node_average(state.nodes.params)
 
   return Protocol(init, round_, model)
+
+
+def _barrier_seconds(network: Network, graph: Topology, samples: jax.Array, alive: jax.Array,
+                     model_bytes: int) -> jax.Array:
+  """Synchronous round: node i is done when it has trained and holds every neighbour's
+  model, max(train_i, max_j train_j + transfer(j -> i)); the round waits for the last node."""
+  n = graph.idx.shape[0]
+  train = network.compute_seconds(jnp.arange(n), samples)  # [N]
+  receives = (graph.weights > 0) & (graph.idx != jnp.arange(n)[:, None])  # [N, k]
+  arrival = train[graph.idx] + network.transfer_seconds(graph.idx, jnp.arange(n)[:, None],
+                                                        model_bytes)  # [N, k]
+  done = jnp.maximum(train, jnp.max(jnp.where(receives, arrival, 0.0), axis=1))  # [N]
+  return jnp.max(jnp.where(alive, done, 0.0))
 
 
 def _models_sent_per_node(graph: Topology) -> jax.Array:

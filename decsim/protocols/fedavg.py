@@ -7,14 +7,21 @@ model by the average of the returned models, weighted by client data size
 (``data_size``, the paper's n_k/n) or uniformly. Only the ``s`` sampled rows are
 gathered, trained and scattered back: a round costs O(s) model work, not O(N).
 Clients start a fresh optimiser state every round (stateless clients).
+
+The server runs on node ``server`` (MoDeST's FL baseline puts it on the node with
+the lowest median latency). It waits for the slowest sampled client's download,
+training and upload — or, with a success fraction ``sf < 1``, only for the
+ceil(sf * s) fastest, and ignores the rest of that round's models.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from decsim.data.sampler import NodeData
-from decsim.network import Network
+from decsim.network import MODEL, Network, uniform_network
 from decsim.protocols.base import (Learner, Protocol, broadcast, sample_available, train_nodes,
                                    weighted_average)
 from decsim.rng import Stream, node_keys, round_key
@@ -30,12 +37,17 @@ class FedAvgState:
 
 
 def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = 'data_size',
-           network: Network = Network()) -> Protocol:
+           network: Network | None = None, server: int = 0,
+           success_fraction: float = 1.0) -> Protocol:
   if not 1 <= sample_size <= nodes:
     raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
   if weighting not in WEIGHTINGS:
     raise ValueError(f'unknown weighting {weighting!r}: choose one of {", ".join(WEIGHTINGS)}')
+  if not 0 < success_fraction <= 1:
+    raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
+  network = network if network is not None else uniform_network(nodes)
   model_bytes = learner.model_bytes()
+  wait_for = math.ceil(success_fraction * sample_size)
 
   def init(key: PRNGKey, data: NodeData) -> SimState:
     del data
@@ -53,35 +65,40 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
     result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
 
+    steps = jnp.where(valid, result.steps, 0)  # [s]
+    finish = (network.transfer_seconds(server, ids, model_bytes)
+              + network.compute_seconds(ids, steps * learner.batch_size)
+              + network.transfer_seconds(ids, server, model_bytes))  # [s]
+    finish = jnp.where(valid, finish, jnp.inf)
+    n_valid = jnp.sum(valid, dtype=jnp.int32)
+    # The server aggregates the first ceil(sf * s) models to arrive (all, if fewer came).
+    arrival_rank = jnp.argsort(jnp.argsort(finish))  # [s]
+    accepted = valid & (arrival_rank < jnp.minimum(wait_for, n_valid))
+    seconds = jnp.max(jnp.where(accepted, finish, 0.0))
+
     sizes = data.sizes[ids].astype(jnp.float32)  # [s]
-    weights = (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * valid
-    any_valid = jnp.any(valid)
+    weights = (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * accepted
+    any_accepted = jnp.any(accepted)
     new_global = jax.tree.map(
-        lambda new, old: jnp.where(any_valid, new, old),
-        weighted_average(result.params, jnp.where(any_valid, weights, 1.0)),
+        lambda new, old: jnp.where(any_accepted, new, old),
+        weighted_average(result.params, jnp.where(any_accepted, weights, 1.0)),
         state.extra.global_params)
 
     scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
     node_params = jax.tree.map(lambda all_, new: all_.at[scatter_ids].set(new, mode='drop'),
                                state.nodes.params, result.params)
-    n_valid = jnp.sum(valid, dtype=jnp.int32)
-    steps = jnp.where(valid, result.steps, 0)  # [s]
-    # The server waits for the slowest client: download, train, upload.
-    seconds = jnp.where(
-        any_valid,
-        2 * network.transfer_seconds(model_bytes)
-        + network.compute_seconds(jnp.max(steps) * learner.batch_size), 0.0)
+    sent = (state.sent.at[scatter_ids, MODEL].add(1, mode='drop')  # uploads
+            .at[server, MODEL].add(n_valid))  # the server's downloads
     state = state.replace(
         round=r + 1,
         nodes=state.nodes.replace(params=node_params),
         clock=state.clock + seconds,
-        models_sent=state.models_sent.at[scatter_ids].add(1, mode='drop'),
-        total_models_sent=state.total_models_sent + 2 * n_valid,
+        sent=sent,
         extra=FedAvgState(new_global))
     metrics = RoundMetrics(
         train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
         sim_seconds=seconds,
-        models_sent=2 * n_valid,
+        messages=jnp.zeros((3,), jnp.int32).at[MODEL].set(2 * n_valid),
         active_nodes=n_valid,
         node_steps=jnp.sum(steps))
     return state, metrics

@@ -1,0 +1,144 @@
+"""Node availability over simulated time, for every protocol.
+
+Components compose (a node is online when every component says so):
+
+* ``p_online``: each node is online in a round with this probability (Bernoulli);
+* a crash schedule: from ``crash_start_seconds``, ``crash_batch`` more nodes go
+  down every ``crash_every_seconds`` until ``crash_fraction`` of all nodes are
+  down (MoDeST's churn experiment: from 300 s, 5 nodes every 60 s until 80%);
+  with ``crash_graceful`` the nodes leave gracefully (they announce it) instead;
+* a join schedule: ``join_nodes`` nodes start offline and join one at a time
+  every ``join_every_seconds`` from ``join_start_seconds``;
+* a trace: a 0/1 matrix ``[rounds, N]`` read from a file (the last row holds
+  after the trace ends).
+
+Which nodes crash or join is a fixed random order drawn from the seed: crashes
+take nodes from its front, joins from its back. Availability is a pure function
+of (seed, round, simulated clock), evaluated at the start of every round by
+``with_churn``, which wraps any protocol: offline nodes neither train, send nor
+receive because every protocol honours ``SimState.available``.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decsim.network import read_rows
+from decsim.protocols.base import Protocol
+from decsim.rng import Stream, round_key
+
+
+class ChurnError(ValueError):
+  """A bad churn setting or trace file; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChurnConfig:
+  p_online: float = 1.0
+  crash_start_seconds: float = math.inf
+  crash_every_seconds: float = 60.0
+  crash_batch: int = 5
+  crash_fraction: float = 0.0
+  crash_graceful: bool = False
+  join_nodes: int = 0
+  join_start_seconds: float = 0.0
+  join_every_seconds: float = 60.0
+  trace_file: str | None = None
+
+  @property
+  def enabled(self) -> bool:
+    return (self.p_online < 1 or self.crash_fraction > 0 or self.join_nodes > 0
+            or self.trace_file is not None)
+
+
+class Availability(NamedTuple):
+  online: jax.Array  # [N] bool: can train, send and receive this round
+  member: jax.Array  # [N] bool: joined and not gracefully left (MoDeST membership)
+
+
+def scheduled_count(t: jax.Array, start: float, every: float, batch: int, limit: int) -> jax.Array:
+  """Nodes affected by time ``t``: ``batch`` at ``start``, ``batch`` more each ``every``, at most ``limit``."""
+  steps = jnp.floor((t - start) / every) + 1
+  return jnp.where(t >= start, jnp.minimum(limit, batch * steps), 0).astype(jnp.int32)
+
+
+def validate(config: ChurnConfig, nodes: int) -> None:
+  def check(ok, message):
+    if not ok:
+      raise ChurnError(message)
+
+  check(0 < config.p_online <= 1, f'--p_online={config.p_online} must be in (0, 1]')
+  check(0 <= config.crash_fraction <= 1, f'--crash_fraction={config.crash_fraction} must be in [0, 1]')
+  check(config.crash_batch >= 1, f'--crash_batch={config.crash_batch} must be at least 1')
+  check(config.crash_every_seconds > 0, f'--crash_every_seconds={config.crash_every_seconds} must be > 0')
+  check(config.join_every_seconds > 0, f'--join_every_seconds={config.join_every_seconds} must be > 0')
+  check(0 <= config.join_nodes < nodes,
+        f'--join_nodes={config.join_nodes} must be in 0..{nodes - 1} (some nodes must start online)')
+  crashing = math.floor(config.crash_fraction * nodes)
+  check(crashing + config.join_nodes <= nodes,
+        f'--crash_fraction={config.crash_fraction} and --join_nodes={config.join_nodes} together '
+        f'exceed --nodes={nodes}: lower one of them')
+
+
+def load_trace(path: str, nodes: int) -> np.ndarray:
+  """A 0/1 matrix, one row per round and one column per node (CSV or whitespace)."""
+  fix = 'write one row of 0/1 per round, one column per node'
+  try:
+    rows = read_rows(path)
+  except (OSError, ValueError) as e:
+    raise ChurnError(f'--trace_file={path} cannot be read as a 0/1 matrix ({e}); {fix}') from None
+  if not rows or any(len(r) != nodes for r in rows):
+    raise ChurnError(f'--trace_file={path} must have {nodes} columns (one per node) in every '
+                     f'row; {fix}')
+  trace = np.asarray(rows)
+  if not np.all((trace == 0) | (trace == 1)):
+    raise ChurnError(f'--trace_file={path} holds values other than 0/1; {fix}')
+  return trace.astype(bool)
+
+
+def make_availability(config: ChurnConfig, nodes: int, seed: int
+                      ) -> Callable[[jax.Array, jax.Array, jax.Array], Availability]:
+  """``availability(key, round, clock) -> Availability`` for this configuration."""
+  validate(config, nodes)
+  order = np.random.default_rng(seed + 11).permutation(nodes)
+  rank = np.empty(nodes, np.int32)
+  rank[order] = np.arange(nodes)  # position of each node in the crash/join order
+  crash_rank = jnp.asarray(rank)
+  join_rank = jnp.asarray(nodes - 1 - rank)  # joins come from the back of the order
+  crash_limit = math.floor(config.crash_fraction * nodes)
+  trace = None if config.trace_file is None else jnp.asarray(load_trace(config.trace_file, nodes))
+
+  def availability(key: jax.Array, round_: jax.Array, clock: jax.Array) -> Availability:
+    online = jnp.ones((nodes,), bool)
+    if config.p_online < 1:
+      draws = jax.random.uniform(round_key(key, round_, Stream.CHURN), (nodes,))
+      online &= draws < config.p_online
+    down = crash_rank < scheduled_count(clock, config.crash_start_seconds,
+                                        config.crash_every_seconds, config.crash_batch,
+                                        crash_limit)
+    joined = join_rank >= config.join_nodes
+    if config.join_nodes:
+      joined |= join_rank < scheduled_count(clock, config.join_start_seconds,
+                                            config.join_every_seconds, 1, config.join_nodes)
+    online &= ~down & joined
+    if trace is not None:
+      online &= trace[jnp.minimum(round_, trace.shape[0] - 1)]
+    left = down if config.crash_graceful else jnp.zeros_like(down)
+    return Availability(online=online, member=joined & ~left)
+
+  return availability
+
+
+def with_churn(protocol: Protocol, availability) -> Protocol:
+  """``protocol`` whose every round first sets ``state.available`` from the schedule."""
+
+  def round_(state, data):
+    avail = availability(state.key, state.round, state.clock)
+    return protocol.round(state.replace(available=avail.online), data)
+
+  return protocol._replace(round=round_)

@@ -1,0 +1,133 @@
+"""MoDeST: hash-ranked samples, equivalence with FedAvg, closed-form bytes, round time by
+hand, success fraction, and crash handling."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decsim import churn, experiment, network
+from decsim.network import MODEL, PING, VIEW
+from decsim.protocols.fedavg import fedavg
+from decsim.protocols.modest import hash_ranking, modest
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = experiment.ExperimentConfig(num_samples=2000, nodes=12, model='logistic',
+                                       local_steps=2, batch_size=10, momentum=0.0, lr=0.1)
+  dataset, data = experiment.load_data(config)
+  learner, _ = experiment.make_learner(config, dataset)
+  return learner, data
+
+
+def test_samples_agree_for_equal_views_and_change_with_rounds():
+  eligible = jnp.arange(100) % 7 != 0
+  a, va = hash_ranking(jax.random.key(3), 5, eligible, 10)
+  b, vb = hash_ranking(jax.random.key(3), 5, eligible, 10)
+  c, _ = hash_ranking(jax.random.key(3), 6, eligible, 10)
+  np.testing.assert_array_equal(a, b)
+  assert set(np.asarray(a).tolist()) != set(np.asarray(c).tolist())
+  assert np.all(np.asarray(va)) and np.all(np.asarray(eligible)[np.asarray(a)])
+
+
+def test_samples_are_uniform_in_the_long_run():
+  """Chi-square over 2,000 rounds of s=10 among 50 nodes: each node expected 400 times.
+
+  With 49 degrees of freedom the 0.999 quantile is 85.4; sampling without
+  replacement only lowers the variance, so the statistic must stay below it.
+  """
+  eligible = jnp.ones((50,), bool)
+  ids = jax.vmap(lambda r: hash_ranking(jax.random.key(0), r, eligible, 10)[0])(jnp.arange(2000))
+  counts = np.bincount(np.asarray(ids).ravel(), minlength=50)
+  chi2 = np.sum((counts - 400) ** 2 / 400)
+  assert chi2 < 85.4
+
+
+def test_full_sample_modest_equals_fedavg(setup):
+  learner, data = setup
+  fed = fedavg(learner, nodes=12, sample_size=12, weighting='uniform')
+  mod = modest(learner, nodes=12, sample_size=12, aggregators=1, success_fraction=1.0)
+  s_fed, s_mod = fed.init(jax.random.key(0), data), mod.init(jax.random.key(0), data)
+  for _ in range(3):
+    s_fed, _ = jax.jit(fed.round)(s_fed, data)
+    s_mod, _ = jax.jit(mod.round)(s_mod, data)
+  for a, b in zip(jax.tree.leaves(fed.model(s_fed)), jax.tree.leaves(mod.model(s_mod))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bytes_and_round_time_in_closed_form(setup):
+  """Uniform network (latency L, unlimited bandwidth, speed v), no churn, s=4, a=2:
+  per round s*a uploads and a*s downloads (one view each), s*a pings and a*s replies;
+  round time = L (download) + 20/v (train) + 2L (ping RTT to each of the a aggregators,
+  probed in turn) ... = L + 20/v + a*2L + L."""
+  learner, data = setup
+  lat, speed, s, a = 0.03, 100.0, 4, 2
+  net = network.uniform_network(12, latency=lat, speed=speed)
+  protocol = modest(learner, nodes=12, sample_size=s, aggregators=a, network=net)
+  state = protocol.init(jax.random.key(0), data)
+  state, m0 = jax.jit(protocol.round)(state, data)
+  before = state.sent
+  state, m1 = jax.jit(protocol.round)(state, data)
+  per_round = np.asarray(state.sent - before).sum(0)
+  assert per_round[MODEL] == s * a + a * s and per_round[VIEW] == per_round[MODEL]
+  assert per_round[PING] == s * a + a * s
+  np.testing.assert_array_equal(m1.messages, per_round)
+  expected = lat + 20 / speed + a * 2 * lat + lat
+  np.testing.assert_allclose([m0.sim_seconds, m1.sim_seconds], expected, rtol=1e-5)
+
+
+def test_success_fraction_ignores_the_slowest_participant(setup, tmp_path):
+  learner, data = setup
+  speeds = np.full(12, 100.0)
+  speeds[5] = 1.0  # node 5 trains 100x slower
+  net = network.uniform_network(12, latency=0.01).replace(speed=jnp.asarray(speeds, jnp.float32))
+  protocol = modest(learner, nodes=12, sample_size=12, success_fraction=11 / 12, network=net)
+  state, metrics = jax.jit(protocol.round)(protocol.init(jax.random.key(0), data), data)
+  # Node rows hold every participant's trained model; the aggregate is the mean of all but 5.
+  fast = np.arange(12) != 5
+  expected = jax.tree.map(lambda p: p[fast].mean(0), state.nodes.params)
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(protocol.model(state))):
+    np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
+  assert float(metrics.sim_seconds) < 1.0  # did not wait the 20 s of node 5
+
+
+def test_crashed_candidates_cost_a_ping_timeout_and_leave_the_view(setup):
+  learner, data = setup
+  protocol = modest(learner, nodes=12, sample_size=4, ping_timeout=2.0, inactivity_threshold=50,
+                    network=network.uniform_network(12, latency=0.01))
+  state = protocol.init(jax.random.key(0), data)
+  state, _ = jax.jit(protocol.round)(state, data)
+  down = jnp.zeros((12,), bool).at[jnp.arange(0, 12, 2)].set(True)  # half the nodes crash
+  state = state.replace(available=~down)
+  seconds, live = [], []
+  for _ in range(6):
+    state, m = jax.jit(protocol.round)(state, data)
+    seconds.append(float(m.sim_seconds))
+    live.append(int(m.active_nodes))
+  # Probes that time out mark the node down at once: later samples avoid crashed nodes
+  # long before the 50-round inactivity threshold, so rounds get fast again.
+  assert max(seconds) >= 2.0 and seconds[-1] < 1.0
+  assert live[-1] == 4
+  assert np.all(np.isfinite(seconds))
+
+
+def test_modest_keeps_learning_when_most_nodes_crash(setup):
+  learner, data = setup
+  config = churn.ChurnConfig(crash_start_seconds=1.0, crash_every_seconds=1.0, crash_batch=3,
+                             crash_fraction=0.75)
+  avail = churn.make_availability(config, 12, seed=0)
+  protocol = churn.with_churn(
+      modest(learner, nodes=12, sample_size=4, success_fraction=0.5, ping_timeout=0.5,
+             inactivity_threshold=5, network=network.uniform_network(12, latency=0.01),
+             availability=avail), avail)
+  state = protocol.init(jax.random.key(0), data)
+  chunk = jax.jit(lambda s: jax.lax.scan(lambda st, _: protocol.round(st, data), s, None,
+                                         length=40))
+  state, metrics = chunk(state)
+  assert int(jnp.sum(state.available)) == 3  # 75% of 12 are down
+  assert np.all(np.asarray(metrics.active_nodes[-10:]) >= 2)  # samples found the live nodes
+  assert np.all(np.isfinite(np.asarray(metrics.train_loss)))
