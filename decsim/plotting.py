@@ -34,3 +34,32 @@ def plot_accuracy(run_dir: pathlib.Path, target: float | None = None) -> pathlib
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+AXES = {'round': 'round', 'sim_seconds': 'simulated seconds', 'bytes_total': 'bytes sent'}
+
+
+def plot_runs(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
+              x_keys: tuple[str, ...] = ('sim_seconds', 'bytes_total'),
+              target: float | None = None, title: str = '') -> pathlib.Path:
+  """Test accuracy of several runs against each of ``x_keys``, side by side; PNG."""
+  fig, axes = plt.subplots(1, len(x_keys), figsize=(5 * len(x_keys), 3.6), squeeze=False)
+  for label, run_dir in run_dirs.items():
+    rows = read_metrics(run_dir)
+    for ax, key in zip(axes[0], x_keys):
+      ax.plot([r[key] for r in rows], [r['accuracy'] for r in rows], label=label)
+  for ax, key in zip(axes[0], x_keys):
+    if target is not None:
+      ax.axhline(target, color='gray', lw=0.8, ls=':')
+    if key == 'bytes_total':
+      ax.set_xscale('log')
+    ax.set_xlabel(AXES.get(key, key))
+    ax.set_ylabel('test accuracy')
+    ax.grid(alpha=0.3)
+  axes[0][0].legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 STUDIES: dict[str, str] = {
     # name -> module path of a function run(out_dir: pathlib.Path, quick: bool) -> dict
+    'modest': 'decsim.studies.modest:run',
+    'modest_churn': 'decsim.studies.modest:run_churn',
 }
 
 

@@ -4,6 +4,8 @@ import json
 import pathlib
 from typing import Any
 
+from decsim import experiment
+
 
 def write_study(out_dir: pathlib.Path, name: str, runs: dict[str, dict[str, Any]],
                 columns: tuple[str, ...] = ('final_accuracy', 'rounds_to_target',
@@ -27,3 +29,14 @@ def format_table(runs: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> s
   for label, summary in runs.items():
     lines.append('  '.join([f'{label:<{width}}'] + [f'{cell(summary.get(c)):>18}' for c in columns]))
   return '\n'.join(lines)
+
+
+def run_configs(out_dir: pathlib.Path, configs: dict[str, 'experiment.ExperimentConfig']
+                ) -> dict[str, dict[str, Any]]:
+  """Runs each labelled config into ``out_dir/<label>``; returns their summaries."""
+  runs = {}
+  for label, config in configs.items():
+    print(f'--- {label}', flush=True)
+    runs[label] = experiment.run(config, out_dir=out_dir / label,
+                                 log=lambda line, label=label: print(f'[{label}] {line}', flush=True))
+  return runs
