@@ -72,6 +72,8 @@ class ExperimentConfig:
   target_accuracy: float = 0.8
   seed: int = 0
   node_chunk: int = -1
+  checkpoint_every: int = 0
+  resume: bool = False
   # FedAvg and MoDeST
   success_fraction: float = 1.0
   # MoDeST
@@ -163,10 +165,11 @@ def validate(c: ExperimentConfig) -> None:
   _check(c.rounds % c.eval_every == 0,
          f'--rounds={c.rounds} is not a multiple of --eval_every={c.eval_every}: '
          'make it one (rounds run in chunks of eval_every)')
-  if c.protocol in DECENTRALIZED:
-    _check(0 <= c.eval_nodes <= c.nodes,
-           f'--eval_nodes={c.eval_nodes} must be in 0..--nodes={c.nodes}')
+  _check(c.eval_nodes >= 0, f'--eval_nodes={c.eval_nodes} must be >= 0')
   _check(0 <= c.target_accuracy <= 1, f'--target_accuracy={c.target_accuracy} must be in [0, 1]')
+  _check(c.checkpoint_every >= 0 and c.checkpoint_every % c.eval_every == 0,
+         f'--checkpoint_every={c.checkpoint_every} must be 0 (off) or a multiple of '
+         f'--eval_every={c.eval_every}')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
 
 
@@ -253,14 +256,15 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   """Accuracy and loss of the protocol's model; for decentralized protocols also of
   ``eval_nodes`` individual nodes (evenly spaced ids) and the consensus distance."""
   evaluate_model = metrics_lib.make_evaluate(apply_fn)
-  eval_ids = jnp.asarray(np.linspace(0, c.nodes - 1, c.eval_nodes).round().astype(np.int32))
+  count = min(c.eval_nodes, c.nodes)  # all nodes when fewer than asked
+  eval_ids = jnp.asarray(np.linspace(0, c.nodes - 1, count).round().astype(np.int32))
 
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
     out = {'accuracy': accuracy, 'loss': loss}
     if c.protocol in DECENTRALIZED:
       out['consensus_distance'] = metrics_lib.consensus_distance(state.nodes.params)
-      if c.eval_nodes:
+      if count:
         rows = jax.tree.map(lambda p: p[eval_ids], state.nodes.params)
         node_acc, _ = jax.lax.map(lambda p: evaluate_model(p, x_test, y_test), rows)
         out.update(node_accuracy_mean=jnp.mean(node_acc), node_accuracy_min=jnp.min(node_acc),
@@ -281,18 +285,39 @@ def build(c: ExperimentConfig) -> Experiment:
   return Experiment(c, protocol, learner, data, evaluate, dataset)
 
 
+RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
+
+
+def _check_same_run(path: pathlib.Path, c: ExperimentConfig) -> None:
+  """--resume must continue the same experiment (more rounds are allowed)."""
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  changed = sorted(k for k, v in dataclasses.asdict(c).items()
+                   if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+  if changed:
+    raise ConfigError(f'--resume with settings that differ from {path}: '
+                      f'{", ".join(f"--{k}" for k in changed)}; resume with the same flags or '
+                      'use a new --out')
+
+
 def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=print) -> dict[str, Any]:
   """Builds and runs ``c``; writes config.json, metrics.jsonl, summary.json, accuracy.png."""
   exp = build(c)
   if out_dir is not None:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if c.resume:
+      _check_same_run(out / 'config.json', c)
     (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
+  elif c.resume or c.checkpoint_every:
+    raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
   summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(c.seed),
                          rounds=c.rounds, eval_every=c.eval_every,
                          message_bytes=network_lib.message_bytes(exp.learner.model_bytes(),
                                                                  c.nodes),
-                         target_accuracy=c.target_accuracy, out_dir=out_dir, log=log)
+                         target_accuracy=c.target_accuracy, out_dir=out_dir,
+                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log)
   if out_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory
     plotting.plot_accuracy(pathlib.Path(out_dir))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decsim.checkpoint import Checkpointer
 from decsim.data.sampler import NodeData
 from decsim.network import KINDS, MODEL
 from decsim.protocols.base import Protocol
@@ -41,23 +42,44 @@ def make_chunk(protocol: Protocol, length: int):
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
         eval_every: int, message_bytes: tuple[int, ...], target_accuracy: float | None = None,
-        out_dir: str | pathlib.Path | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        out_dir: str | pathlib.Path | None = None, checkpoint_every: int = 0,
+        resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
   Writes ``metrics.jsonl`` (one row per evaluation) and ``summary.json`` into
-  ``out_dir`` when given. Raises ``SimulationDiverged`` on a non-finite loss,
-  after writing the rows so far.
+  ``out_dir`` when given, and an orbax checkpoint every ``checkpoint_every``
+  rounds into ``out_dir/checkpoints``. With ``resume`` the run continues from the
+  newest readable checkpoint and keeps the rows written up to it. Raises
+  ``SimulationDiverged`` on a non-finite loss, after writing the rows so far.
   """
   if rounds % eval_every:
     raise ValueError(f'rounds={rounds} is not a multiple of eval_every={eval_every}')
+  if checkpoint_every % eval_every:
+    raise ValueError(f'checkpoint_every={checkpoint_every} is not a multiple of '
+                     f'eval_every={eval_every}')
   out = pathlib.Path(out_dir) if out_dir is not None else None
+  if (checkpoint_every or resume) and out is None:
+    raise ValueError('checkpoints need an output directory')
+
+  state = jax.jit(protocol.init)(key, data)
+  rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
+  checkpointer = Checkpointer(out / 'checkpoints') if checkpoint_every or resume else None
+  if resume:
+    restored = checkpointer.restore_latest(state, log)
+    if restored is None:
+      log(f'no checkpoint in {checkpointer.directory}; starting at round 0')
+    else:
+      step, state, meta = restored
+      rows = [r for r in read_rows(out / 'metrics.jsonl') if r['round'] <= step]
+      run_seconds, node_steps = meta['run_seconds'], meta['node_steps']
+      log(f'resumed from the checkpoint at round {step}')
   metrics_file = None
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = open(out / 'metrics.jsonl', 'w')
+    metrics_file.writelines(json.dumps(r) + '\n' for r in rows)
+    metrics_file.flush()
 
-  state = jax.jit(protocol.init)(key, data)
   t0 = time.perf_counter()
   chunk = jax.jit(make_chunk(protocol, eval_every), donate_argnums=0)
   chunk = chunk.lower(state, data).compile()
@@ -65,9 +87,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   evaluate.lower(state).compile()
   compile_seconds = time.perf_counter() - t0
 
-  rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
   try:
-    for _ in range(rounds // eval_every):
+    for _ in range(int(state.round) // eval_every, rounds // eval_every):
       t = time.perf_counter()
       state, metrics = chunk(state, data)
       jax.block_until_ready(state)
@@ -81,6 +102,9 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
         metrics_file.write(json.dumps(row) + '\n')
         metrics_file.flush()
       log(_progress(row, rounds, run_seconds))
+      if checkpoint_every and row['round'] % checkpoint_every == 0 and not diverged:
+        checkpointer.save(row['round'], state, {'run_seconds': run_seconds,
+                                                'node_steps': node_steps})
       if diverged:
         status = 'diverged'
         raise SimulationDiverged(
@@ -89,11 +113,26 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   finally:
     if metrics_file:
       metrics_file.close()
+    if checkpointer:
+      checkpointer.close()
     summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
     summary['status'] = status
     if out is not None:
       (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
+
+
+def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl; none when it does not exist; a torn last line is dropped."""
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break  # a row cut by a kill: everything after it is lost anyway
+  return rows
 
 
 def _row(state: SimState, metrics, evals: dict[str, jax.Array],

@@ -52,7 +52,8 @@ flags.DEFINE_float('lr', _D.lr, 'Local learning rate.')
 flags.DEFINE_float('momentum', _D.momentum, 'SGD momentum (0: plain SGD).')
 flags.DEFINE_integer('rounds', _D.rounds, 'Rounds to run (a multiple of --eval_every).')
 flags.DEFINE_integer('eval_every', _D.eval_every, 'Rounds per jit-compiled chunk between evaluations.')
-flags.DEFINE_integer('eval_nodes', _D.eval_nodes, 'Decentralized protocols: individual nodes evaluated.')
+flags.DEFINE_integer('eval_nodes', _D.eval_nodes, 'Decentralized protocols: individual nodes evaluated '
+                     '(evenly spaced ids; all when fewer).')
 flags.DEFINE_float('target_accuracy', _D.target_accuracy, 'Accuracy for *_to_target in summary.json.')
 flags.DEFINE_integer('seed', _D.seed, 'Seed of data, partition, graph, init and every draw.')
 flags.DEFINE_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk of local training: '
@@ -88,6 +89,10 @@ flags.DEFINE_float('join_start_seconds', _D.join_start_seconds, 'First join (sim
 flags.DEFINE_float('join_every_seconds', _D.join_every_seconds, 'Seconds between joins.')
 flags.DEFINE_string('trace_file', _D.trace_file, '0/1 availability, a row per round, a column '
                     'per node.')
+flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every, 'Save an orbax checkpoint every '
+                     'this many rounds into OUT/checkpoints (0: off; a multiple of --eval_every).')
+flags.DEFINE_bool('resume', _D.resume, 'Continue the run in --out from its newest readable '
+                  'checkpoint.')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS
