@@ -41,8 +41,12 @@ AXES = {'round': 'round', 'sim_seconds': 'simulated seconds', 'bytes_total': 'by
 
 def plot_runs(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
               x_keys: tuple[str, ...] = ('sim_seconds', 'bytes_total'),
-              target: float | None = None, title: str = '') -> pathlib.Path:
-  """Test accuracy of several runs against each of ``x_keys``, side by side; PNG."""
+              target: float | None = None, title: str = '',
+              formats: tuple[str, ...] = ('png',)) -> pathlib.Path:
+  """Test accuracy of several runs against each of ``x_keys``, side by side.
+
+  Saved as ``path`` with each suffix in ``formats`` (e.g. png and svg).
+  """
   fig, axes = plt.subplots(1, len(x_keys), figsize=(5 * len(x_keys), 3.6), squeeze=False)
   for label, run_dir in run_dirs.items():
     rows = read_metrics(run_dir)
@@ -60,6 +64,7 @@ def plot_runs(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  for fmt in formats:
+    fig.savefig(path.with_suffix(f'.{fmt}'), dpi=120)
   plt.close(fig)
   return path

@@ -3,7 +3,8 @@ r"""Runs one simulation: ``decsim --protocol=fedavg`` (or ``python -m launch.sim
 Examples:
   decsim --protocol=fedavg --nodes=100 --sample_size=10 --out=runs/fedavg
   decsim --protocol=dpsgd --topology=kregular --degree=4 --nodes=256 --out=runs/dpsgd
-  decsim --flagfile=launch/presets/default.flags
+  decsim --flagfile=launch/presets/modest.flags
+  decsim plot runs/fedavg runs/dpsgd --target=0.8 --out=runs/compare
 
 Every flag is a field of ``decsim.experiment.ExperimentConfig``; a bad value
 exits with status 2 and one line naming the flag and the fix.
@@ -140,6 +141,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_main() -> None:
+  """The ``decsim`` console script: ``decsim [flags]`` runs, ``decsim plot DIR...`` plots."""
+  if len(sys.argv) > 1 and sys.argv[1] == 'plot':
+    from launch import plot
+    plot.main([f'{sys.argv[0]} plot', *sys.argv[2:]])
+    return
   app.run(main, flags_parser=parse_flags)
 
 

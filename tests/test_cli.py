@@ -4,9 +4,21 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
+# Files the table refers to as {tmp}/NAME; written by _bad_files below.
+BAD_FILES = {
+    'lat_ragged.csv': '1,2\n3\n',
+    'lat_words.csv': 'a,b\nc,d\n',
+    'trace_values.csv': '1,2\n',
+    'speeds_short.txt': '100\n',
+    'bad.flags': '--nodes=five\n',
+    'unknown.flags': '--bogus_flag=1\n',
+}
+
+# Run as a subprocess each (the CLI as users run it).
 BAD_FLAGS = [
     (['--protocol=fedsgd'], '--protocol'),
     (['--sample_size=500', '--nodes=100'], '--sample_size'),
@@ -18,6 +30,36 @@ BAD_FLAGS = [
     (['--nodes=abc'], '--nodes'),
     (['--dataset=mnist', '--data_dir=/nonexistent/tfds'], '/nonexistent/tfds'),
     (['--protocol=dpsgd', '--topology=torus', '--nodes=13', '--degree=2'], 'torus'),
+]
+
+# The rest of the bad-input table runs the same entry point in-process (one JAX start).
+BAD_INPUTS = BAD_FLAGS + [
+    (['--protocol=modest', '--aggregators=0'], '--aggregators'),
+    (['--protocol=modest', '--sample_size=0'], '--sample_size'),
+    (['--success_fraction=1.5'], '--success_fraction'),
+    (['--latency_file={tmp}/missing.csv'], 'cannot be read'),
+    (['--latency_file={tmp}/lat_ragged.csv'], 'square'),
+    (['--latency_file={tmp}/lat_words.csv'], 'numeric'),
+    (['--trace_file={tmp}/trace_values.csv', '--nodes=2', '--sample_size=1'], '--trace_file'),
+    (['--compute_file={tmp}/speeds_short.txt'], '--compute_file'),
+    (['--crash_fraction=1.5'], '--crash_fraction'),
+    (['--p_online=0'], '--p_online'),
+    (['--join_nodes=100', '--nodes=100'], '--join_nodes'),
+    (['--checkpoint_every=7'], '--checkpoint_every'),
+    (['--flagfile={tmp}/bad.flags'], '--nodes'),
+    (['--flagfile={tmp}/unknown.flags'], 'bogus_flag'),
+    (['--flagfile={tmp}/missing.flags'], 'missing.flags'),
+    (['--model=resnet'], '--model'),
+    (['--partition=natural'], 'natural'),
+    (['--local_steps=0'], '--local_steps'),
+    (['--batch_size=0'], '--batch_size'),
+    (['--lr=-1'], '--lr'),
+    (['--init=independent'], '--init'),
+    (['--eval_every=0'], '--eval_every'),
+    (['--mixing=fast', '--protocol=dpsgd'], '--mixing'),
+    (['--protocol=dpsgd', '--topology=erdos_renyi', '--edge_probability=0.001'], 'erdos'),
+    (['--sites=0'], '--sites'),
+    (['positional'], 'unexpected arguments'),
 ]
 
 
@@ -36,6 +78,31 @@ def test_bad_flags_exit_2_with_one_line(args, named, tmp_path):
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith('decsim: error:') and named in lines[0]
   assert 'Traceback' not in proc.stderr
+
+
+def test_bad_input_table_is_large_enough():
+  assert len(BAD_INPUTS) >= 25
+
+
+@pytest.mark.parametrize('args,named', BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_keeps_results(args, named, tmp_path, capsys):
+  from launch import simulate
+  for name, text in BAD_FILES.items():
+    (tmp_path / name).write_text(text)
+  previous = tmp_path / 'run' / 'metrics.jsonl'  # results of an earlier run in the same --out
+  previous.parent.mkdir()
+  previous.write_text('{"round": 10, "accuracy": 0.5}\n')
+  argv = ['decsim', f'--out={tmp_path / "run"}', *(a.format(tmp=tmp_path) for a in args)]
+  simulate.FLAGS.unparse_flags()
+  with mock.patch.object(sys, 'argv', argv), pytest.raises(SystemExit) as exit_:
+    simulate.run_main()
+  simulate.FLAGS.unparse_flags()
+  assert exit_.value.code == 2
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('decsim: error:') and named in lines[0], lines[0]
+  assert previous.read_text() == '{"round": 10, "accuracy": 0.5}\n'
+  assert sorted(p.name for p in previous.parent.iterdir()) == ['metrics.jsonl']
 
 
 def test_run_writes_outputs_and_table(tmp_path):
