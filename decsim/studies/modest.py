@@ -58,12 +58,16 @@ def churn_configs(quick: bool) -> dict[str, ExperimentConfig]:
   }
 
 
+COLUMNS = ('final_accuracy', 'rounds_to_target', 'seconds_to_target', 'bytes_to_target',
+           'final_node_accuracy', 'bytes_to_target_nodes')
+
+
 def _run(name: str, configs: dict[str, ExperimentConfig], out_dir: pathlib.Path) -> dict:
   runs = run_configs(out_dir, configs)
   target = next(iter(configs.values())).target_accuracy
   plotting.plot_runs(out_dir / f'{name}.png', {label: out_dir / label for label in configs},
                      target=target, title=name)
-  write_study(out_dir, name, runs)
+  write_study(out_dir, name, runs, columns=COLUMNS)
   return runs
 
 
