@@ -33,13 +33,16 @@ BASE = ExperimentConfig(nodes=100, sample_size=10, dataset='mnist1d', model='len
                         target_accuracy=0.8)
 
 
+QUICK = {'num_samples': 2000, 'nodes': 20}  # smoke tests and notebooks
+
+
 def modest_configs(quick: bool) -> dict[str, ExperimentConfig]:
-  base = dataclasses.replace(BASE, rounds=40 if quick else 400, eval_every=10,
-                             **({'num_samples': 2000, 'nodes': 20} if quick else {}))
+  base = dataclasses.replace(BASE, rounds=20 if quick else 400, eval_every=10,
+                             **(QUICK if quick else {}))
   return {
       'fl': dataclasses.replace(base, protocol='fedavg', weighting='uniform'),
       'dpsgd': dataclasses.replace(base, protocol='dpsgd', topology='one_peer_exponential',
-                                   rounds=20 if quick else 200),
+                                   rounds=10 if quick else 200),
       'modest': dataclasses.replace(base, protocol='modest', aggregators=1, success_fraction=1.0),
       'modest_sf0.8': dataclasses.replace(base, protocol='modest', aggregators=1,
                                           success_fraction=0.8),
@@ -49,11 +52,12 @@ def modest_configs(quick: bool) -> dict[str, ExperimentConfig]:
 def churn_configs(quick: bool) -> dict[str, ExperimentConfig]:
   base = dataclasses.replace(BASE, protocol='modest', success_fraction=0.8, ping_timeout=2.0,
                              inactivity_threshold=20, samples_per_second=20.0,
-                             rounds=40 if quick else 400, eval_every=20)
+                             rounds=20 if quick else 400, eval_every=10 if quick else 20,
+                             **(QUICK if quick else {}))
   return {
       'modest_crash': dataclasses.replace(base, crash_start_seconds=300, crash_every_seconds=60,
                                           crash_batch=5, crash_fraction=0.8),
-      'modest_join': dataclasses.replace(base, join_nodes=10, join_start_seconds=60,
+      'modest_join': dataclasses.replace(base, join_nodes=base.nodes // 10, join_start_seconds=60,
                                          join_every_seconds=60),
   }
 
