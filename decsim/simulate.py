@@ -9,6 +9,7 @@ diverged run keeps everything it had computed.
 import json
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -156,7 +157,11 @@ def _progress(row: dict[str, Any], rounds: int, run_seconds: float) -> str:
   rate = row['round'] / max(run_seconds, 1e-9)
   eta = (rounds - row['round']) / max(rate, 1e-9)
   loss = 'nan' if row['loss'] is None else f'{row["loss"]:.4f}'
-  return (f'round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {loss}  '
+  bar = ''
+  if sys.stdout.isatty():  # a bar for people watching; plain lines in logs and pipes
+    done = round(20 * row['round'] / rounds)
+    bar = f'[{"#" * done}{"." * (20 - done)}] '
+  return (f'{bar}round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {loss}  '
           f'sim {row["sim_seconds"]:9.1f}s  bytes {row["bytes_total"]:.3e}  '
           f'{rate:7.1f} rounds/s  eta {eta:6.1f}s')
 
