@@ -74,6 +74,7 @@ class ExperimentConfig:
   node_chunk: int = -1
   checkpoint_every: int = 0
   resume: bool = False
+  replicas: int = 1
   # FedAvg and MoDeST
   success_fraction: float = 1.0
   # MoDeST
@@ -170,6 +171,7 @@ def validate(c: ExperimentConfig) -> None:
   _check(c.checkpoint_every >= 0 and c.checkpoint_every % c.eval_every == 0,
          f'--checkpoint_every={c.checkpoint_every} must be 0 (off) or a multiple of '
          f'--eval_every={c.eval_every}')
+  _check(c.replicas >= 1, f'--replicas={c.replicas} must be at least 1')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
 
 
@@ -285,6 +287,14 @@ def build(c: ExperimentConfig) -> Experiment:
   return Experiment(c, protocol, learner, data, evaluate, dataset)
 
 
+def root_keys(c: ExperimentConfig) -> jax.Array:
+  """The run's root key, or one per replica: replica i draws init, batches, samples and
+  churn from seed + i; data, partition, graph and network come from ``seed`` for all."""
+  if c.replicas == 1:
+    return jax.random.key(c.seed)
+  return jax.vmap(jax.random.key)(c.seed + jnp.arange(c.replicas))
+
+
 RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
 
 
@@ -312,7 +322,7 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
     (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
   elif c.resume or c.checkpoint_every:
     raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
-  summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(c.seed),
+  summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
                          rounds=c.rounds, eval_every=c.eval_every,
                          message_bytes=network_lib.message_bytes(exp.learner.model_bytes(),
                                                                  c.nodes),

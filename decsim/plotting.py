@@ -14,11 +14,22 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _line_with_band(ax, rows: list[dict], x_key: str, **kwargs) -> None:
+  """Accuracy against ``x_key``; with replicas, a band of one standard deviation."""
+  x = [r[x_key] for r in rows]
+  y = [r['accuracy'] for r in rows]
+  (line,) = ax.plot(x, y, **kwargs)
+  if rows and rows[0].get('accuracy_std') is not None:
+    std = [r['accuracy_std'] for r in rows]
+    ax.fill_between(x, [a - s for a, s in zip(y, std)], [a + s for a, s in zip(y, std)],
+                    color=line.get_color(), alpha=0.2, lw=0)
+
+
 def plot_accuracy(run_dir: pathlib.Path, target: float | None = None) -> pathlib.Path:
   """Test accuracy against rounds, saved as ``run_dir/accuracy.png``."""
   rows = read_metrics(run_dir)
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r['round'] for r in rows], [r['accuracy'] for r in rows], marker='.')
+  _line_with_band(ax, rows, 'round', marker='.')
   if 'node_accuracy_mean' in (rows[0] if rows else {}):
     ax.plot([r['round'] for r in rows], [r['node_accuracy_mean'] for r in rows], ls='--',
             label='individual nodes (mean)')
@@ -51,7 +62,7 @@ def plot_runs(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
   for label, run_dir in run_dirs.items():
     rows = read_metrics(run_dir)
     for ax, key in zip(axes[0], x_keys):
-      ax.plot([r[key] for r in rows], [r['accuracy'] for r in rows], label=label)
+      _line_with_band(ax, rows, key, label=label)
   for ax, key in zip(axes[0], x_keys):
     if target is not None:
       ax.axhline(target, color='gray', lw=0.8, ls=':')

@@ -62,7 +62,9 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   if (checkpoint_every or resume) and out is None:
     raise ValueError('checkpoints need an output directory')
 
-  state = jax.jit(protocol.init)(key, data)
+  replicated = key.ndim == 1  # a key per replica: R seeds vmapped as one simulation
+  init = jax.vmap(protocol.init, in_axes=(0, None)) if replicated else protocol.init
+  state = jax.jit(init)(key, data)
   rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
   checkpointer = Checkpointer(out / 'checkpoints') if checkpoint_every or resume else None
   if resume:
@@ -82,14 +84,15 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     metrics_file.flush()
 
   t0 = time.perf_counter()
-  chunk = jax.jit(make_chunk(protocol, eval_every), donate_argnums=0)
+  chunk = make_chunk(protocol, eval_every)
+  chunk = jax.jit(jax.vmap(chunk, in_axes=(0, None)) if replicated else chunk, donate_argnums=0)
   chunk = chunk.lower(state, data).compile()
-  evaluate = jax.jit(evaluate)
+  evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
   evaluate.lower(state).compile()
   compile_seconds = time.perf_counter() - t0
 
   try:
-    for _ in range(int(state.round) // eval_every, rounds // eval_every):
+    for _ in range(int(np.max(state.round)) // eval_every, rounds // eval_every):
       t = time.perf_counter()
       state, metrics = chunk(state, data)
       jax.block_until_ready(state)
@@ -138,18 +141,43 @@ def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
 
 def _row(state: SimState, metrics, evals: dict[str, jax.Array],
          message_bytes: tuple[int, ...]) -> dict[str, Any]:
-  """One metrics.jsonl row; simulated quantities only, so rows are deterministic."""
-  counts = np.asarray(state.sent).sum(axis=0)  # [K]
+  """One metrics.jsonl row; simulated quantities only, so rows are deterministic.
+
+  With replicas (a leading replica axis) every value is the mean over replicas,
+  with ``<key>_std`` and the per-replica values ``<key>_replicas`` beside it.
+  """
+  fields = jax.tree.map(np.asarray, {
+      'round': state.round, 'sim_seconds': state.clock, 'sent': state.sent,
+      'train_loss': jnp.mean(metrics.train_loss, axis=-1), **evals})
+  if fields['round'].ndim == 0:
+    return _replica_row(fields, message_bytes)
+  replicas = [_replica_row({k: v[i] for k, v in fields.items()}, message_bytes)
+              for i in range(fields['round'].shape[0])]
+  row = {'round': replicas[0]['round'], 'replicas': len(replicas)}
+  for key in replicas[0]:
+    if key == 'round':
+      continue
+    values = [r[key] for r in replicas]
+    finite = None not in values
+    row[key] = float(np.mean(values)) if finite else None
+    row[f'{key}_std'] = float(np.std(values)) if finite else None
+    row[f'{key}_replicas'] = values
+  return row
+
+
+def _replica_row(fields: dict[str, np.ndarray], message_bytes: tuple[int, ...]) -> dict[str, Any]:
+  counts = fields['sent'].sum(axis=0)  # [K]
   by_kind = {f'bytes_{kind}': int(c) * b for kind, c, b in zip(KINDS, counts, message_bytes)}
   row = {
-      'round': int(state.round),
-      'train_loss': float(jnp.mean(metrics.train_loss)),
-      'sim_seconds': float(state.clock),
+      'round': int(fields['round']),
+      'train_loss': float(fields['train_loss']),
+      'sim_seconds': float(fields['sim_seconds']),
       'models_sent': int(counts[MODEL]),
       'bytes_total': sum(by_kind.values()),
       **by_kind,
   }
-  row.update({k: float(v) for k, v in evals.items()})
+  row.update({k: float(v) for k, v in fields.items() if k not in ('round', 'sim_seconds', 'sent',
+                                                                  'train_loss')})
   return row
 
 

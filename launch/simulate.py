@@ -94,6 +94,8 @@ flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every, 'Save an orbax che
                      'this many rounds into OUT/checkpoints (0: off; a multiple of --eval_every).')
 flags.DEFINE_bool('resume', _D.resume, 'Continue the run in --out from its newest readable '
                   'checkpoint.')
+flags.DEFINE_integer('replicas', _D.replicas, 'Run R seeds (seed, seed+1, ...) of this '
+                     'configuration as one vmapped simulation; rows report mean, std, values.')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS
