@@ -43,7 +43,9 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(network_lib.NetworkConfig, churn_lib.ChurnConfig):
+  """Every setting of a run; the network and churn fields come from their own configs."""
+
   protocol: str = 'fedavg'
   dataset: str = 'mnist1d'
   num_samples: int = 10_000
@@ -81,26 +83,6 @@ class ExperimentConfig:
   aggregators: int = 1
   ping_timeout: float = 2.0
   inactivity_threshold: int = 20
-  # Network (decsim.network.NetworkConfig)
-  sites: int = 20
-  latency_file: str | None = None
-  upload_mbps: float = 0.0
-  download_mbps: float = 0.0
-  bandwidth_sigma: float = 0.0
-  samples_per_second: float = 1000.0
-  compute_sigma: float = 0.0
-  compute_file: str | None = None
-  # Churn (decsim.churn.ChurnConfig)
-  p_online: float = 1.0
-  crash_start_seconds: float = float('inf')
-  crash_every_seconds: float = 60.0
-  crash_batch: int = 5
-  crash_fraction: float = 0.0
-  crash_graceful: bool = False
-  join_nodes: int = 0
-  join_start_seconds: float = 0.0
-  join_every_seconds: float = 60.0
-  trace_file: str | None = None
 
 
 def _check(ok: bool, message: str) -> None:
