@@ -24,10 +24,13 @@ from decsim.models import MODELS, build_model
 from decsim.protocols.base import Learner, Protocol
 from decsim.protocols.dpsgd import dpsgd
 from decsim.protocols.fedavg import WEIGHTINGS, fedavg
+from decsim.protocols import gossip as gossip_lib
+from decsim import mixing
 from decsim import topology as topology_lib
 
-PROTOCOLS = ('fedavg', 'dpsgd')
-DECENTRALIZED = ('dpsgd',)
+PROTOCOLS = ('fedavg', 'dpsgd', 'gossip')
+DECENTRALIZED = ('dpsgd', 'gossip')
+VARIANCE_CORRECTIONS = ('none', *mixing.VC_TARGETS)
 TOPOLOGIES = (*topology_lib.TOPOLOGIES, 'one_peer_exponential')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 OPTIMIZERS = ('sgd', 'adam')
@@ -69,6 +72,23 @@ class ExperimentConfig:
   target_accuracy: float = 0.8
   seed: int = 0
   node_chunk: int = -1
+  # Gossip learning (issue 4); one tick of --tick_seconds per round.
+  gossip_delta: int = 10
+  gossip_wake: str = 'uniform'
+  gossip_peers: str = 'random'
+  gossip_merge: str = 'half'
+  gossip_beta: float = 0.5
+  gossip_buffer: int = 1
+  gossip_partitions: int = 1
+  gossip_keep: float = 1.0
+  gossip_max_active: int = 0
+  tick_seconds: float = 1.0
+  # Variance correction after averaging (Tian et al. 2024): gossip, dpsgd, fedavg.
+  variance_correction: str = 'none'
+  vc_biases: bool = False
+  vc_unbiased: bool = False
+  vc_epsilon: float = 1e-12
+  vc_ratio: float = 1.0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -126,6 +146,30 @@ def validate(c: ExperimentConfig) -> None:
            f'--eval_nodes={c.eval_nodes} must be in 0..--nodes={c.nodes}')
   _check(0 <= c.target_accuracy <= 1, f'--target_accuracy={c.target_accuracy} must be in [0, 1]')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
+  _validate_gossip_and_vc(c)
+
+
+def _validate_gossip_and_vc(c: ExperimentConfig) -> None:
+  _choice('variance_correction', c.variance_correction, VARIANCE_CORRECTIONS)
+  _check(0 <= c.vc_ratio <= 1, f'--vc_ratio={c.vc_ratio} must be in [0, 1] (1: full correction)')
+  _check(c.vc_epsilon > 0, f'--vc_epsilon={c.vc_epsilon} must be > 0')
+  if c.protocol != 'gossip':
+    return
+  _choice('gossip_wake', c.gossip_wake, gossip_lib.WAKES)
+  _choice('gossip_peers', c.gossip_peers, gossip_lib.PEERS)
+  _choice('gossip_merge', c.gossip_merge, gossip_lib.MERGES)
+  _check(c.gossip_delta >= 1, f'--gossip_delta={c.gossip_delta} must be at least 1 tick')
+  _check(0 <= c.gossip_beta <= 1, f'--gossip_beta={c.gossip_beta} must be in [0, 1]')
+  _check(c.gossip_buffer >= 1, f'--gossip_buffer={c.gossip_buffer} must be at least 1')
+  _check(c.gossip_partitions >= 1,
+         f'--gossip_partitions={c.gossip_partitions} must be at least 1 (1: whole models)')
+  _check(0 < c.gossip_keep <= 1, f'--gossip_keep={c.gossip_keep} must be in (0, 1] (1: no '
+         'sampling compression)')
+  _check(c.gossip_max_active >= 0,
+         f'--gossip_max_active={c.gossip_max_active} must be >= 0 (0: all nodes, masked)')
+  _check(c.tick_seconds > 0, f'--tick_seconds={c.tick_seconds} must be > 0')
+  _check(c.gossip_peers == 'random' or c.topology != 'one_peer_exponential',
+         f'--gossip_peers={c.gossip_peers} needs a static --topology, not one_peer_exponential')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +216,35 @@ def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset) -> tuple[Le
   return learner, apply_fn
 
 
+def variance_correction(c: ExperimentConfig) -> mixing.VarianceCorrection | None:
+  if c.variance_correction == 'none':
+    return None
+  return mixing.VarianceCorrection(target=c.variance_correction, unbiased=c.vc_unbiased,
+                                   epsilon=c.vc_epsilon, ratio=c.vc_ratio, biases=c.vc_biases)
+
+
 def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
+  vc = variance_correction(c)
   if c.protocol == 'fedavg':
-    return fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting)
+    return fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting,
+                  variance_correction=vc)
+  if c.protocol == 'gossip':
+    graph = None
+    if c.gossip_peers != 'random':
+      graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
+                                          p=c.edge_probability, seed=c.seed)
+    return gossip_lib.gossip(
+        learner, nodes=c.nodes, topology=graph, delta=c.gossip_delta, wake=c.gossip_wake,
+        peers=c.gossip_peers, merge=c.gossip_merge, beta=c.gossip_beta,
+        buffer_size=c.gossip_buffer, partitions=c.gossip_partitions, keep_prob=c.gossip_keep,
+        max_active=c.gossip_max_active, tick_seconds=c.tick_seconds, variance_correction=vc)
   if c.topology == 'one_peer_exponential':
     graph = lambda r: topology_lib.one_peer_exponential(c.nodes, r)
   else:
     graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
                                         p=c.edge_probability, seed=c.seed)
-  return dpsgd(learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing)
+  return dpsgd(learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing,
+               variance_correction=vc)
 
 
 def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax.Array,
@@ -193,6 +257,9 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
     out = {'accuracy': accuracy, 'loss': loss}
+    models = (state.nodes.params if c.protocol in DECENTRALIZED
+              else jax.tree.map(lambda x: x[None], protocol.model(state)))
+    out.update(metrics_lib.weight_variance(models))
     if c.protocol in DECENTRALIZED:
       out['consensus_distance'] = metrics_lib.consensus_distance(state.nodes.params)
       if c.eval_nodes:
@@ -216,6 +283,13 @@ def build(c: ExperimentConfig) -> Experiment:
   return Experiment(c, protocol, learner, data, evaluate, dataset)
 
 
+def message_bytes(c: ExperimentConfig, learner: Learner) -> int:
+  """Bytes of one model transfer: a whole model, or a gossip partition / sample."""
+  if c.protocol == 'gossip':
+    return gossip_lib.message_bytes(learner.model_bytes(), c.gossip_partitions, c.gossip_keep)
+  return learner.model_bytes()
+
+
 def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=print) -> dict[str, Any]:
   """Builds and runs ``c``; writes config.json, metrics.jsonl, summary.json, accuracy.png."""
   exp = build(c)
@@ -225,7 +299,7 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
     (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
   summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(c.seed),
                          rounds=c.rounds, eval_every=c.eval_every,
-                         model_bytes=exp.learner.model_bytes(),
+                         model_bytes=message_bytes(c, exp.learner),
                          target_accuracy=c.target_accuracy, out_dir=out_dir, log=log)
   if out_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory
