@@ -260,6 +260,8 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
     models = (state.nodes.params if c.protocol in DECENTRALIZED
               else jax.tree.map(lambda x: x[None], protocol.model(state)))
     out.update(metrics_lib.weight_variance(models))
+    if c.protocol == 'gossip':
+      out['gossip_dropped'] = state.extra.dropped
     if c.protocol in DECENTRALIZED:
       out['consensus_distance'] = metrics_lib.consensus_distance(state.nodes.params)
       if c.eval_nodes:

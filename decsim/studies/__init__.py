@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 STUDIES: dict[str, str] = {
     # name -> module path of a function run(out_dir: pathlib.Path, quick: bool) -> dict
+    'variance': 'decsim.studies.variance:run',
+    'variance_sweep': 'decsim.studies.variance:run_sweep',
 }
 
 
