@@ -109,6 +109,42 @@ def test_half_merge_of_simultaneous_arrivals():
   np.testing.assert_array_equal(got[1:], w[1:])
 
 
+def test_buffer_mode_merges_once_buffer_size_models_are_held():
+  n = 6
+  learner, data = _setup(n)
+  protocol = gossip(learner, nodes=n, topology=_star(n), peers='neighbour', merge='half',
+                    buffer_size=2)
+  state = _start(protocol, data, wake=[1])
+  state = state.replace(extra=state.extra.replace(next_wake=state.extra.next_wake.at[2].set(1)))
+  w = _flat(state.nodes.params)
+  step = jax.jit(protocol.round)
+  one, m1 = step(state, data)  # leaf 1 -> node 0: one model held, no merge yet
+  np.testing.assert_array_equal(_flat(one.nodes.params), w)
+  assert int(m1.active_nodes) == 0 and int(one.extra.buffer.count[0]) == 1
+  two, m2 = step(one, data)  # leaf 2 -> node 0: two held, merge both
+  np.testing.assert_allclose(_flat(two.nodes.params)[0], 0.5 * w[0] + 0.25 * (w[1] + w[2]),
+                             rtol=1e-5, atol=1e-7)
+  assert int(m2.active_nodes) == 1 and int(two.extra.buffer.count[0]) == 0
+
+
+@pytest.mark.parametrize('wake', ['uniform', 'exponential'])
+def test_wake_up_intervals(wake):
+  n, ticks = 10, 300
+  learner, data = _setup(n)
+  protocol = gossip(learner, nodes=n, peers='random', merge='half', wake=wake, delta=10)
+  state = protocol.init(jax.random.key(0), data)
+  assert np.all((np.asarray(state.extra.next_wake) >= 0) & (np.asarray(state.extra.next_wake) < 10))
+  run = jax.jit(lambda s: jax.lax.scan(lambda s, _: (protocol.round(s, data)[0],
+                                                     s.extra.next_wake), s, None, length=ticks))
+  _, wakes = run(state)  # [ticks, N] next wake-up at the start of each tick
+  wakes = np.asarray(wakes)
+  gaps = np.concatenate([np.diff(np.unique(wakes[:, i])) for i in range(n)])
+  if wake == 'uniform':  # 8..12 ticks for delta = 10, all five values seen
+    assert set(gaps.tolist()) == {8, 9, 10, 11, 12}
+  else:  # ceil(Exp(10)): mean about 10.5, sd about 10, over ~280 gaps
+    assert gaps.min() >= 1 and 8.5 < gaps.mean() < 12.5 and gaps.max() > 20
+
+
 def test_push_to_all_neighbours_with_replace_is_one_dpsgd_mixing_step():
   n = 10
   learner, data = _setup(n)
