@@ -26,11 +26,14 @@ from decsim.models import MODELS, build_model
 from decsim.protocols.base import Learner, Protocol
 from decsim.protocols.dpsgd import dpsgd
 from decsim.protocols.fedavg import WEIGHTINGS, fedavg
+from decsim.protocols import gossip as gossip_lib
 from decsim.protocols.modest import modest
+from decsim import mixing
 from decsim import topology as topology_lib
 
-PROTOCOLS = ('fedavg', 'dpsgd', 'modest')
-DECENTRALIZED = ('dpsgd',)
+PROTOCOLS = ('fedavg', 'dpsgd', 'gossip', 'modest')
+DECENTRALIZED = ('dpsgd', 'gossip')
+VARIANCE_CORRECTIONS = ('none', *mixing.VC_TARGETS)
 TOPOLOGIES = (*topology_lib.TOPOLOGIES, 'one_peer_exponential')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 OPTIMIZERS = ('sgd', 'adam')
@@ -83,6 +86,23 @@ class ExperimentConfig(network_lib.NetworkConfig, churn_lib.ChurnConfig):
   aggregators: int = 1
   ping_timeout: float = 2.0
   inactivity_threshold: int = 20
+  # Gossip learning (issue 4); one tick of --tick_seconds per round.
+  gossip_delta: int = 10
+  gossip_wake: str = 'uniform'
+  gossip_peers: str = 'random'
+  gossip_merge: str = 'half'
+  gossip_beta: float = 0.5
+  gossip_buffer: int = 1
+  gossip_partitions: int = 1
+  gossip_keep: float = 1.0
+  gossip_max_active: int = 0
+  tick_seconds: float = 1.0
+  # Variance correction after averaging (Tian et al. 2024): gossip, dpsgd, fedavg.
+  variance_correction: str = 'none'
+  vc_biases: bool = False
+  vc_unbiased: bool = False
+  vc_epsilon: float = 1e-12
+  vc_ratio: float = 1.0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -155,6 +175,30 @@ def validate(c: ExperimentConfig) -> None:
          f'--eval_every={c.eval_every}')
   _check(c.replicas >= 1, f'--replicas={c.replicas} must be at least 1')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
+  _validate_gossip_and_vc(c)
+
+
+def _validate_gossip_and_vc(c: ExperimentConfig) -> None:
+  _choice('variance_correction', c.variance_correction, VARIANCE_CORRECTIONS)
+  _check(0 <= c.vc_ratio <= 1, f'--vc_ratio={c.vc_ratio} must be in [0, 1] (1: full correction)')
+  _check(c.vc_epsilon > 0, f'--vc_epsilon={c.vc_epsilon} must be > 0')
+  if c.protocol != 'gossip':
+    return
+  _choice('gossip_wake', c.gossip_wake, gossip_lib.WAKES)
+  _choice('gossip_peers', c.gossip_peers, gossip_lib.PEERS)
+  _choice('gossip_merge', c.gossip_merge, gossip_lib.MERGES)
+  _check(c.gossip_delta >= 1, f'--gossip_delta={c.gossip_delta} must be at least 1 tick')
+  _check(0 <= c.gossip_beta <= 1, f'--gossip_beta={c.gossip_beta} must be in [0, 1]')
+  _check(c.gossip_buffer >= 1, f'--gossip_buffer={c.gossip_buffer} must be at least 1')
+  _check(c.gossip_partitions >= 1,
+         f'--gossip_partitions={c.gossip_partitions} must be at least 1 (1: whole models)')
+  _check(0 < c.gossip_keep <= 1, f'--gossip_keep={c.gossip_keep} must be in (0, 1] (1: no '
+         'sampling compression)')
+  _check(c.gossip_max_active >= 0,
+         f'--gossip_max_active={c.gossip_max_active} must be >= 0 (0: all nodes, masked)')
+  _check(c.tick_seconds > 0, f'--tick_seconds={c.tick_seconds} must be > 0')
+  _check(c.gossip_peers == 'random' or c.topology != 'one_peer_exponential',
+         f'--gossip_peers={c.gossip_peers} needs a static --topology, not one_peer_exponential')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,20 +254,38 @@ def make_network(c: ExperimentConfig) -> network_lib.Network:
   return network_lib.make_network(_sub_config(network_lib.NetworkConfig, c), c.nodes, c.seed)
 
 
+def variance_correction(c: ExperimentConfig) -> mixing.VarianceCorrection | None:
+  if c.variance_correction == 'none':
+    return None
+  return mixing.VarianceCorrection(target=c.variance_correction, unbiased=c.vc_unbiased,
+                                   epsilon=c.vc_epsilon, ratio=c.vc_ratio, biases=c.vc_biases)
+
+
 def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
   """The protocol of ``c`` on its simulated network, wrapped in its churn schedule."""
   network = make_network(c)
   churn = _sub_config(churn_lib.ChurnConfig, c)
   availability = churn_lib.make_availability(churn, c.nodes, c.seed) if churn.enabled else None
+  vc = variance_correction(c)
   if c.protocol == 'fedavg':
     protocol = fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting,
                       network=network, server=network_lib.lowest_median_latency_node(network),
-                      success_fraction=c.success_fraction)
+                      success_fraction=c.success_fraction, variance_correction=vc)
   elif c.protocol == 'modest':
     protocol = modest(learner, nodes=c.nodes, sample_size=c.sample_size,
                       aggregators=c.aggregators, success_fraction=c.success_fraction,
                       ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
                       network=network, availability=availability)
+  elif c.protocol == 'gossip':
+    graph = None
+    if c.gossip_peers != 'random':
+      graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
+                                          p=c.edge_probability, seed=c.seed)
+    protocol = gossip_lib.gossip(
+        learner, nodes=c.nodes, topology=graph, delta=c.gossip_delta, wake=c.gossip_wake,
+        peers=c.gossip_peers, merge=c.gossip_merge, beta=c.gossip_beta,
+        buffer_size=c.gossip_buffer, partitions=c.gossip_partitions, keep_prob=c.gossip_keep,
+        max_active=c.gossip_max_active, tick_seconds=c.tick_seconds, variance_correction=vc)
   else:
     if c.topology == 'one_peer_exponential':
       graph = lambda r: topology_lib.one_peer_exponential(c.nodes, r)
@@ -231,7 +293,7 @@ def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
       graph = topology_lib.build_topology(c.topology, c.nodes, degree=c.degree,
                                           p=c.edge_probability, seed=c.seed)
     protocol = dpsgd(learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing,
-                     network=network)
+                     network=network, variance_correction=vc)
   return churn_lib.with_churn(protocol, availability) if availability else protocol
 
 
@@ -246,6 +308,11 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
     out = {'accuracy': accuracy, 'loss': loss}
+    models = (state.nodes.params if c.protocol in DECENTRALIZED
+              else jax.tree.map(lambda x: x[None], protocol.model(state)))
+    out.update(metrics_lib.weight_variance(models))
+    if c.protocol == 'gossip':
+      out['gossip_dropped'] = state.extra.dropped
     if c.protocol in DECENTRALIZED:
       out['consensus_distance'] = metrics_lib.consensus_distance(state.nodes.params)
       if count:
@@ -293,6 +360,14 @@ def _check_same_run(path: pathlib.Path, c: ExperimentConfig) -> None:
                       'use a new --out')
 
 
+def message_bytes(c: ExperimentConfig, learner: Learner) -> tuple[int, int, int]:
+  """Bytes of one message of each kind; a gossip model message is a partition or a sample."""
+  model = learner.model_bytes()
+  if c.protocol == 'gossip':
+    model = gossip_lib.message_bytes(model, c.gossip_partitions, c.gossip_keep)
+  return network_lib.message_bytes(model, c.nodes)
+
+
 def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=print) -> dict[str, Any]:
   """Builds and runs ``c``; writes config.json, metrics.jsonl, summary.json, accuracy.png."""
   exp = build(c)
@@ -306,8 +381,7 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
     raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
   summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
                          rounds=c.rounds, eval_every=c.eval_every,
-                         message_bytes=network_lib.message_bytes(exp.learner.model_bytes(),
-                                                                 c.nodes),
+                         message_bytes=message_bytes(c, exp.learner),
                          target_accuracy=c.target_accuracy, out_dir=out_dir,
                          checkpoint_every=c.checkpoint_every, resume=c.resume, log=log)
   if out_dir is not None:

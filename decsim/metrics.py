@@ -1,7 +1,12 @@
 """Evaluation: test accuracy and loss of a model or of stacked node models, and the
 consensus distance of decentralized runs (Kong et al., "Consensus Control for
-Decentralized Deep Learning", ICML 2021: (1/N) sum_i ||x_i - x_bar||^2).
+Decentralized Deep Learning", ICML 2021: (1/N) sum_i ||x_i - x_bar||^2), and the
+per-layer weight variance against its Xavier value at initialisation (Tian et
+al. 2024, "Vanishing Variance Problem in Fully Decentralized Neural-Network
+Systems").
 """
+
+import math
 
 from collections.abc import Callable
 
@@ -62,3 +67,30 @@ def consensus_distance(stacked: Stacked) -> jax.Array:
     return jnp.sum((x - jnp.mean(x, axis=0, keepdims=True)) ** 2)
 
   return sum(jax.tree.leaves(jax.tree.map(leaf_sq, stacked))) / jax.tree.leaves(stacked)[0].shape[0]
+
+
+def xavier_variance(shape: tuple[int, ...]) -> float:
+  """Variance of a Glorot/Xavier-initialised kernel of one model: 2 / (fan_in + fan_out).
+
+  ``shape`` is ``[*window, in, out]`` (flax's layout; a dense kernel has no window).
+  """
+  receptive = math.prod(shape[:-2])
+  return 2.0 / (receptive * shape[-2] + receptive * shape[-1])
+
+
+def weight_variance(stacked: Stacked) -> dict[str, jax.Array]:
+  """Mean over nodes of each weight tensor's variance, next to its Xavier variance.
+
+  Keys ``weight_variance/<layer>`` and ``xavier_variance/<layer>`` for every
+  kernel (leaves of ndim >= 2 per model), e.g. ``weight_variance/Dense_0/kernel``.
+  """
+  from decsim import mixing  # metrics is imported by mixing's users; keep it one-way
+  out = {}
+  names = mixing.layer_names(stacked)
+  for name, x in zip(names, jax.tree.leaves(stacked)):
+    if x.ndim < 3 or not name.endswith('kernel'):
+      continue
+    var = jnp.var(x.reshape(x.shape[0], -1).astype(jnp.float32), axis=1)  # [N]
+    out[f'weight_variance/{name}'] = jnp.mean(var)
+    out[f'xavier_variance/{name}'] = jnp.float32(xavier_variance(x.shape[1:]))
+  return out

@@ -11,20 +11,24 @@ One D-PSGD / gossip averaging step replaces node i's model by
 ``mix`` picks one from the table's shape; ``renormalize`` adapts a topology to
 the nodes that are online (churn).
 
-Variance correction (later issue). Averaging uncorrelated models shrinks each
-layer's weight variance and with it the initialisation scale; Tian et al.
-(2024, "Vanishing variance in gossip learning") rescale every layer about its
-mean after averaging so its variance equals the mean variance of the models
-averaged. That is an operator composed *after* any of the operators here (and
-after MoDeST / FedAvg aggregation): ``corrected = correct(mix(topo, x), x, topo)``.
-It arrives in a later issue and is deliberately not implemented here.
+Variance correction (Tian et al., 2024, "Vanishing Variance Problem in Fully
+Decentralized Neural-Network Systems"). Averaging k uncorrelated models shrinks
+each layer's weight variance by about 1/k and with it the Xavier scale; the fix
+rescales every layer about its mean after averaging so that its variance equals
+a target, by default the mean variance of the models that were averaged. It is
+an operator composed *after* any averaging step (D-PSGD mix, gossip merge,
+FedAvg aggregation): ``variance_correct(mixed, target, VarianceCorrection())``
+with the target computed by mixing the per-node per-layer variances
+(``layer_variance``, one ``[N]`` vector per leaf) with the same operator.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from decsim.topology import Topology
-from decsim.types import Stacked
+from decsim.types import Params, Stacked
 
 MODES = ('auto', 'dense', 'sparse')
 
@@ -119,3 +123,139 @@ def renormalize(topology: Topology, available: jax.Array) -> Topology:
   lost = jnp.sum(jnp.where(keep, 0.0, w), axis=1)  # [N]
   self_w = jnp.where(available, kept[:, 0] + lost, 1.0)  # [N]
   return topology.replace(weights=kept.at[:, 0].set(self_w.astype(w.dtype)))
+
+
+# ------------------------------------------------------- variance correction
+
+VC_TARGETS = ('received', 'follow_beta', 'self')
+
+
+@dataclasses.dataclass(frozen=True)
+class VarianceCorrection:
+  """How ``variance_correct`` rescales (Tian et al. 2024).
+
+  ``target``: 'received' (plain mean of the variances of the models averaged, the
+  authors' default), 'follow_beta' (their mean weighted like the models were),
+  'self' (the node's own variance before averaging). ``unbiased``: variance with
+  ddof=1 instead of the population variance. ``epsilon``: floor of the current
+  variance in the scale factor. ``ratio``: partial correction, the std moves
+  ``ratio`` of the way to the target std (1: all of it, 0: no-op). ``biases``:
+  correct bias vectors too (weight tensors, ndim >= 2, always; normalisation
+  scales, biases and statistics never).
+  """
+
+  target: str = 'received'
+  unbiased: bool = False
+  epsilon: float = 1e-12
+  ratio: float = 1.0
+  biases: bool = False
+
+
+_NORM_LEAVES = ('scale', 'mean', 'var')  # normalisation scale and running statistics
+
+
+def correctable(params: Params, biases: bool = False) -> Params:
+  """A pytree of bools like ``params``: which leaves variance correction touches.
+
+  Weight tensors (ndim >= 2 per model) always; 1-D bias vectors when ``biases``;
+  anything under a normalisation layer (a path component containing 'norm',
+  e.g. flax's ``GroupNorm_0``, or 'batch_stats') or a leaf named scale, mean or
+  var never. The rule reads names only, so one model or a stacked pytree give
+  the same answer.
+  """
+
+  def one(path, leaf):
+    del leaf
+    names = [str(getattr(k, 'key', getattr(k, 'name', k))).lower() for k in path]
+    if any('norm' in part or part == 'batch_stats' for part in names):
+      return False
+    if names and names[-1] in _NORM_LEAVES:
+      return False
+    if names and names[-1] == 'bias':
+      return biases
+    return True
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def layer_names(params: Params) -> list[str]:
+  """'Module/leaf' names of the leaves of ``params``, in ``jax.tree.leaves`` order."""
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+          for path, _ in paths]
+
+
+def layer_variance(stacked: Stacked, unbiased: bool = False) -> Stacked:
+  """Per-node variance of every leaf's entries: leaves ``[N, ...]`` -> ``[N]``."""
+
+  def one(x):
+    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)  # [N, P]
+    ddof = 1 if unbiased and flat.shape[1] > 1 else 0
+    return jnp.var(flat, axis=1, ddof=ddof)  # [N]
+
+  return jax.tree.map(one, stacked)
+
+
+def variance_correct(stacked: Stacked, target: Stacked, vc: VarianceCorrection = VarianceCorrection(),
+                     where: jax.Array | None = None) -> Stacked:
+  """Rescales each corrected leaf of each node about its mean to variance ``target``.
+
+  ``target`` has one ``[N]`` vector per leaf (see ``correction_target``);
+  ``where`` (``[N] bool``) limits the correction to some nodes (e.g. those that
+  averaged this round). With ``ratio == 1`` and a current variance above
+  ``epsilon`` the corrected leaf has exactly the target variance (up to float
+  rounding) and the same mean: ``x' = m + s (x - m)``, ``s = sqrt(t / v)``.
+  """
+  mask = correctable(jax.tree.map(lambda x: x[0], stacked), vc.biases)
+  ddof = 1 if vc.unbiased else 0
+
+  def one(x, t, do):
+    if not do:
+      return x
+    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)  # [N, P]
+    mean = jnp.mean(flat, axis=1, keepdims=True)  # [N, 1]
+    var = jnp.var(flat, axis=1, ddof=ddof if flat.shape[1] > 1 else 0)  # [N]
+    scale = jnp.sqrt(jnp.maximum(t, 0.0) / jnp.maximum(var, vc.epsilon))  # [N]
+    scale = 1.0 + vc.ratio * (scale - 1.0)
+    if where is not None:
+      scale = jnp.where(where, scale, 1.0)
+    out = mean + scale[:, None] * (flat - mean)
+    if where is not None:  # untouched rows stay bitwise equal
+      out = jnp.where(where[:, None], out, flat)
+    return out.reshape(x.shape).astype(x.dtype)
+
+  return jax.tree.map(one, stacked, target, mask)
+
+
+def correction_target(vc: VarianceCorrection, own: Stacked, plain: Stacked,
+                      weighted: Stacked) -> Stacked:
+  """Picks the target variances ``[N]`` per leaf: the node's own ('self'), the
+  plain mean over the models averaged ('received') or their weighted mean
+  ('follow_beta'); the caller computes the means with its averaging operator."""
+  if vc.target not in VC_TARGETS:
+    raise ValueError(f'unknown variance correction target {vc.target!r}: choose one of '
+                     f'{", ".join(VC_TARGETS)}')
+  return {'self': own, 'received': plain, 'follow_beta': weighted}[vc.target]
+
+
+def plain_weights(topology: Topology) -> Topology:
+  """The same graph with every positive weight of a row replaced by 1/(their count):
+  the unweighted mean over the models a node averages ('received' target)."""
+  pos = (topology.weights > 0).astype(topology.weights.dtype)  # [N, k]
+  return topology.replace(weights=pos / jnp.maximum(jnp.sum(pos, axis=1, keepdims=True), 1.0))
+
+
+def mix_corrected(topology: Topology, stacked: Stacked, vc: VarianceCorrection | None,
+                  mode: str = 'auto', where: jax.Array | None = None) -> Stacked:
+  """``mix`` followed by variance correction (``vc=None``: plain ``mix``).
+
+  The target is computed with the same operator on the per-node per-layer
+  variances (``[N]`` per leaf, so mixing them costs next to nothing).
+  """
+  mixed = mix(topology, stacked, mode)
+  if vc is None:
+    return mixed
+  var = layer_variance(stacked, vc.unbiased)  # [N] per leaf
+  target = correction_target(vc, var, mix(plain_weights(topology), var, mode),
+                             mix(topology, var, mode))
+  return variance_correct(mixed, target, vc, where)

@@ -21,6 +21,7 @@ class Stream(enum.IntEnum):
   SAMPLE = 3  # which nodes a server or protocol samples
   TOPOLOGY = 4  # time-varying graphs and peer choices
   CHURN = 5  # availability draws
+  GOSSIP = 6  # gossip wake-up jitter
 
 
 def round_key(key: PRNGKey, round_: jax.Array, stream: Stream) -> PRNGKey:

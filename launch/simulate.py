@@ -96,6 +96,32 @@ flags.DEFINE_bool('resume', _D.resume, 'Continue the run in --out from its newes
                   'checkpoint.')
 flags.DEFINE_integer('replicas', _D.replicas, 'Run R seeds (seed, seed+1, ...) of this '
                      'configuration as one vmapped simulation; rows report mean, std, values.')
+# Gossip learning and variance correction (Tian et al. 2024)
+flags.DEFINE_integer('gossip_delta', _D.gossip_delta, 'Gossip: mean ticks between a node\'s '
+                     'wake-ups (Delta).')
+flags.DEFINE_string('gossip_wake', _D.gossip_wake, 'Gossip wake-up jitter: uniform (0.8-1.2 '
+                    'Delta, 8-12 ticks for Delta 10) or exponential (mean Delta).')
+flags.DEFINE_string('gossip_peers', _D.gossip_peers, 'Gossip push target: random (any node), '
+                    'neighbour (one --topology neighbour) or all_neighbours.')
+flags.DEFINE_string('gossip_merge', _D.gossip_merge, 'Gossip merge: age (age-weighted), half '
+                    '(0.5 self + 0.5 mean received), beta, replace (mean received).')
+flags.DEFINE_float('gossip_beta', _D.gossip_beta, 'Gossip merge=beta: weight of the own model.')
+flags.DEFINE_integer('gossip_buffer', _D.gossip_buffer, 'Gossip: merge once this many models '
+                     'are held (1: on every arrival).')
+flags.DEFINE_integer('gossip_partitions', _D.gossip_partitions, 'Gossip model partitioning: '
+                     'send one of K partitions (1: whole models).')
+flags.DEFINE_float('gossip_keep', _D.gossip_keep, 'Gossip sampling compression: send each '
+                   'weight with this probability (1: all).')
+flags.DEFINE_integer('gossip_max_active', _D.gossip_max_active, 'Gossip: model rows merged and '
+                     'trained per tick (0: all N, masked).')
+flags.DEFINE_float('tick_seconds', _D.tick_seconds, 'Gossip: simulated seconds per tick (round).')
+flags.DEFINE_string('variance_correction', _D.variance_correction, 'Rescale layers after '
+                    'averaging (Tian et al. 2024): none, received, follow_beta or self.')
+flags.DEFINE_bool('vc_biases', _D.vc_biases, 'Variance correction of bias vectors too.')
+flags.DEFINE_bool('vc_unbiased', _D.vc_unbiased, 'Variance correction with ddof=1 variances.')
+flags.DEFINE_float('vc_epsilon', _D.vc_epsilon, 'Variance correction: floor of the variance.')
+flags.DEFINE_float('vc_ratio', _D.vc_ratio, 'Variance correction: fraction of the way to the '
+                   'target std (1: full).')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS

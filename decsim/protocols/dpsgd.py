@@ -8,6 +8,8 @@ the adapt-then-combine order decentralizepy runs). W is a fixed doubly
 stochastic matrix (Metropolis-Hastings weights of a graph) or a time-varying one
 such as the one-peer exponential graph of MoDeST's baseline. Offline nodes
 neither train, send nor receive; live rows renormalise over live neighbours.
+Optionally each mix is followed by variance correction (Tian et al. 2024, see
+``decsim.mixing.variance_correct``).
 """
 
 from collections.abc import Callable
@@ -28,7 +30,8 @@ TopologyFn = Callable[[jax.Array], Topology]  # round -> graph of that round
 
 
 def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
-          mixing_mode: str = 'auto', network: Network | None = None) -> Protocol:
+          mixing_mode: str = 'auto', network: Network | None = None,
+          variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
   topology_at = topology if callable(topology) else (lambda r: topology)
   network = network if network is not None else uniform_network(nodes)
   model_bytes = learner.model_bytes()
@@ -48,7 +51,9 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
     opt_state = jax.tree.map(keep_alive, result.opt_state, state.nodes.opt_state)
 
     graph = mixing.renormalize(topology_at(r), alive)
-    params = mixing.mix(graph, params, mixing_mode)
+    # With variance_correction, each live node's layers are rescaled after mixing
+    # to the (plain or W-weighted) mean variance of the models it averaged.
+    params = mixing.mix_corrected(graph, params, variance_correction, mixing_mode, where=alive)
 
     sent = _models_sent_per_node(graph)  # [N]
     steps = jnp.where(alive, result.steps, 0)  # [N]

@@ -12,6 +12,9 @@ The server runs on node ``server`` (MoDeST's FL baseline puts it on the node wit
 the lowest median latency). It waits for the slowest sampled client's download,
 training and upload — or, with a success fraction ``sf < 1``, only for the
 ceil(sf * s) fastest, and ignores the rest of that round's models.
+
+Optionally the new global model is variance-corrected (Tian et al. 2024, see
+``decsim.mixing.variance_correct``) to the mean variance of the accepted client models.
 """
 
 import math
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from decsim import mixing
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, uniform_network
 from decsim.protocols.base import (Learner, Protocol, broadcast, sample_available, train_nodes,
@@ -38,7 +42,8 @@ class FedAvgState:
 
 def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = 'data_size',
            network: Network | None = None, server: int = 0,
-           success_fraction: float = 1.0) -> Protocol:
+           success_fraction: float = 1.0,
+           variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
   if not 1 <= sample_size <= nodes:
     raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
   if weighting not in WEIGHTINGS:
@@ -79,10 +84,13 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     sizes = data.sizes[ids].astype(jnp.float32)  # [s]
     weights = (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * accepted
     any_accepted = jnp.any(accepted)
+    averaged = weighted_average(result.params, jnp.where(any_accepted, weights, 1.0))
+    if variance_correction is not None:
+      averaged = _correct(variance_correction, averaged, state.extra.global_params,
+                          result.params, jnp.where(any_accepted, weights, 1.0),
+                          jnp.where(any_accepted, accepted, True))
     new_global = jax.tree.map(
-        lambda new, old: jnp.where(any_accepted, new, old),
-        weighted_average(result.params, jnp.where(any_accepted, weights, 1.0)),
-        state.extra.global_params)
+        lambda new, old: jnp.where(any_accepted, new, old), averaged, state.extra.global_params)
 
     scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
     node_params = jax.tree.map(lambda all_, new: all_.at[scatter_ids].set(new, mode='drop'),
@@ -107,3 +115,16 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     return state.extra.global_params
 
   return Protocol(init, round_, model)
+
+
+def _correct(vc: mixing.VarianceCorrection, averaged: Params, old_global: Params,
+             clients: Params, weights: jax.Array, valid: jax.Array) -> Params:
+  """Variance correction of the server average; the target is the plain or weighted
+  mean of the valid client models' per-layer variances, or the old global's ('self')."""
+  var = mixing.layer_variance(clients, vc.unbiased)  # [s] per leaf
+  own = mixing.layer_variance(broadcast(old_global, 1), vc.unbiased)  # [1] per leaf
+  plain = jax.tree.map(lambda v: (jnp.sum(v * valid) / jnp.maximum(jnp.sum(valid), 1))[None], var)
+  weighted = jax.tree.map(lambda v: (jnp.sum(v * weights) / jnp.sum(weights))[None], var)
+  target = mixing.correction_target(vc, own, plain, weighted)
+  corrected = mixing.variance_correct(broadcast(averaged, 1), target, vc)
+  return jax.tree.map(lambda x: x[0], corrected)

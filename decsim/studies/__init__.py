@@ -12,6 +12,8 @@ STUDIES: dict[str, str] = {
     # name -> module path of a function run(out_dir: pathlib.Path, quick: bool) -> dict
     'modest': 'decsim.studies.modest:run',
     'modest_churn': 'decsim.studies.modest:run_churn',
+    'variance': 'decsim.studies.variance:run',
+    'variance_sweep': 'decsim.studies.variance:run_sweep',
 }
 
 

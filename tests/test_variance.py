@@ -1,0 +1,155 @@
+"""Variance correction (Tian et al. 2024): exact target variance and unchanged mean, a
+no-op on identical models, biases and normalisation left alone, the 1/k shrinkage it
+repairs, and its targets under D-PSGD mixing and FedAvg aggregation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from decsim import experiment, metrics, mixing
+from decsim.models import build_model
+from decsim.protocols.base import broadcast
+from decsim.topology import build_topology
+
+# Jitted once per configuration: eager dispatch of the many small ops is the slow part.
+correct = jax.jit(mixing.variance_correct, static_argnums=2)
+mix_corrected = jax.jit(mixing.mix_corrected, static_argnums=(2, 3))
+
+
+def _stack(key, n, shapes):
+  keys = jax.random.split(key, len(shapes))
+  return {name: jax.random.normal(k, (n, *shape)) * (1.0 + jnp.arange(n).reshape((-1,) + (1,) * len(shape)))
+          for k, (name, shape) in zip(keys, shapes.items())}
+
+
+@pytest.mark.parametrize('unbiased', [False, True])
+def test_corrected_tensor_has_target_variance_and_same_mean(unbiased):
+  stacked = {'Dense_0': _stack(jax.random.key(0), 5, {'kernel': (30, 20)})['kernel']}
+  stacked = {'Dense_0': {'kernel': stacked['Dense_0'] + 3.0}}  # a non-zero mean
+  target = {'Dense_0': {'kernel': jnp.array([0.1, 2.0, 0.5, 7.0, 1e-3])}}
+  vc = mixing.VarianceCorrection(unbiased=unbiased)
+  out = correct(stacked, target, vc)['Dense_0']['kernel']
+  flat, before = np.asarray(out).reshape(5, -1), np.asarray(stacked['Dense_0']['kernel']).reshape(5, -1)
+  np.testing.assert_allclose(flat.var(1, ddof=int(unbiased)), target['Dense_0']['kernel'], rtol=1e-4)
+  np.testing.assert_allclose(flat.mean(1), before.mean(1), rtol=1e-5)
+  # A partial correction moves the std ratio of the way to the target std.
+  half = correct(stacked, target, dataclasses.replace(vc, ratio=0.5))
+  std = np.asarray(half['Dense_0']['kernel']).reshape(5, -1).std(1, ddof=int(unbiased))
+  s0, s1 = before.std(1, ddof=int(unbiased)), np.sqrt(target['Dense_0']['kernel'])
+  np.testing.assert_allclose(std, 0.5 * (s0 + s1), rtol=1e-4)
+
+
+def test_correcting_identical_models_is_a_no_op():
+  one = _stack(jax.random.key(1), 1, {'kernel': (16, 8), 'bias': (8,)})
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (8, *x.shape[1:])), one)
+  topo = build_topology('kregular', 8, degree=3)
+  vc = mixing.VarianceCorrection(biases=True)
+  for target in mixing.VC_TARGETS:
+    out = mix_corrected(topo, stacked, dataclasses.replace(vc, target=target))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out, stacked)
+
+
+def test_biases_and_normalisation_left_alone():
+  class Net(nn.Module):  # named like the models: Dense_0, GroupNorm_0, Dense_1
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4)(nn.GroupNorm(num_groups=2)(nn.Dense(16)(x)))
+
+  module = Net()
+  keys = jax.random.split(jax.random.key(2), 4)
+  stacked = jax.vmap(lambda k: module.init(k, jnp.ones((1, 8)))['params'])(keys)
+  # Non-trivial biases and norm parameters, so that a rescale would show.
+  stacked = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(3), x.shape), stacked)
+  target = jax.tree.map(lambda x: jnp.full((4,), 9.0), stacked)
+  for biases in (False, True):
+    out = correct(stacked, target, mixing.VarianceCorrection(biases=biases))
+    norm = 'GroupNorm_0'
+    for leaf in ('scale', 'bias'):
+      np.testing.assert_array_equal(out[norm][leaf], stacked[norm][leaf])
+    for dense in ('Dense_0', 'Dense_1'):
+      assert not np.allclose(out[dense]['kernel'], stacked[dense]['kernel'])
+      same_bias = np.array_equal(out[dense]['bias'], stacked[dense]['bias'])
+      assert same_bias == (not biases)
+
+
+def test_averaging_k_independent_xavier_models_shrinks_variance_by_1_over_k():
+  # MLP 784-200-10: Dense_0 has 157k Xavier-uniform weights. The sample variance of
+  # P iid entries has relative sd sqrt((kurtosis - 1) / P) < 0.3%, so 5% is a wide
+  # tolerance (> 15 sd); averaging k uncorrelated models gives sigma^2 / k.
+  spec = build_model('mlp', 10)
+  init = lambda k: spec.module.init(k, jnp.zeros((1, 784)))['params']
+  all_models = jax.jit(jax.vmap(init))(jax.random.split(jax.random.key(0), 8))
+  for k in (2, 4, 8):
+    models = jax.tree.map(lambda x: x[:k], all_models)
+    avg = jax.tree.map(lambda x: jnp.mean(x, 0, keepdims=True), models)
+    kernel = lambda t: t['Dense_0']['kernel']
+    before = np.mean(np.asarray(mixing.layer_variance(models)['Dense_0']['kernel']))
+    after = float(mixing.layer_variance(avg)['Dense_0']['kernel'][0])
+    xavier = metrics.xavier_variance(kernel(models).shape[1:])
+    np.testing.assert_allclose(before, xavier, rtol=0.05)
+    np.testing.assert_allclose(after * k, before, rtol=0.05)
+    # The correction restores the mean variance of the models averaged.
+    target = jax.tree.map(lambda v: jnp.mean(v, keepdims=True), mixing.layer_variance(models))
+    fixed = correct(avg, target, mixing.VarianceCorrection())
+    np.testing.assert_allclose(float(mixing.layer_variance(fixed)['Dense_0']['kernel'][0]),
+                               before, rtol=1e-4)
+
+
+def test_dpsgd_correction_hits_the_mean_variance_of_the_averaged_neighbours():
+  stacked = _stack(jax.random.key(4), 10, {'kernel': (12, 6)})
+  topo = build_topology('kregular', 10, degree=3, seed=1)
+  var = np.asarray(stacked['kernel']).reshape(10, -1).var(1)
+  W = np.asarray(topo.dense())
+  plain = (W > 0) / (W > 0).sum(1, keepdims=True)
+  for target, expected in (('received', plain @ var), ('follow_beta', W @ var), ('self', var)):
+    out = mix_corrected(topo, stacked, mixing.VarianceCorrection(target=target))
+    got = np.asarray(out['kernel']).reshape(10, -1)
+    np.testing.assert_allclose(got.var(1), expected, rtol=1e-4)
+    mixed = np.asarray(mixing.mix(topo, stacked)['kernel']).reshape(10, -1)
+    np.testing.assert_allclose(got.mean(1), mixed.mean(1), rtol=1e-4, atol=1e-6)
+
+
+def test_fedavg_correction_gives_the_clients_mean_variance(tiny_config):
+  c = dataclasses.replace(tiny_config, nodes=8, sample_size=4, variance_correction='received',
+                          weighting='uniform')
+  exp = experiment.build(c)
+  state = exp.protocol.init(jax.random.key(0), exp.data)
+  new, _ = jax.jit(exp.protocol.round)(state, exp.data)
+  # The round's clients are the rows that changed; their models are in the node rows.
+  changed = np.asarray(jax.tree.leaves(jax.tree.map(
+      lambda a, b: jnp.any(a != b, axis=tuple(range(1, a.ndim))), state.nodes.params,
+      new.nodes.params))[0])
+  assert changed.sum() == 4
+  clients = jax.tree.map(lambda x: x[changed], new.nodes.params)
+  var_clients = mixing.layer_variance(clients)
+  var_global = mixing.layer_variance(broadcast(new.extra.global_params, 1))
+  mask = mixing.correctable(new.extra.global_params)
+  for want, got, m in zip(jax.tree.leaves(var_clients), jax.tree.leaves(var_global),
+                          jax.tree.leaves(mask)):
+    if m:
+      np.testing.assert_allclose(float(got[0]), float(np.mean(want)), rtol=1e-4)
+
+
+def test_weight_variance_metric_matches_xavier_at_init():
+  spec = build_model('mlp', 10)
+  init = lambda k: spec.module.init(k, jnp.zeros((1, 784)))['params']
+  models = jax.lax.map(init, jax.random.split(jax.random.key(5), 6))
+  out = metrics.weight_variance(models)
+  assert set(out) == {'weight_variance/Dense_0/kernel', 'xavier_variance/Dense_0/kernel',
+                      'weight_variance/Dense_1/kernel', 'xavier_variance/Dense_1/kernel'}
+  assert float(out['xavier_variance/Dense_0/kernel']) == pytest.approx(2 / (784 + 200))
+  np.testing.assert_allclose(out['weight_variance/Dense_0/kernel'],
+                             out['xavier_variance/Dense_0/kernel'], rtol=0.05)
+
+
+@pytest.mark.parametrize('change,flag', [
+    (dict(variance_correction='sometimes'), '--variance_correction'),
+    (dict(vc_ratio=1.5), '--vc_ratio'),
+])
+def test_bad_variance_correction_settings(tiny_config, change, flag):
+  with pytest.raises(experiment.ConfigError, match=flag):
+    experiment.validate(dataclasses.replace(tiny_config, **change))
