@@ -275,7 +275,7 @@ def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
     protocol = modest(learner, nodes=c.nodes, sample_size=c.sample_size,
                       aggregators=c.aggregators, success_fraction=c.success_fraction,
                       ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
-                      network=network, availability=availability)
+                      network=network, availability=availability, variance_correction=vc)
   elif c.protocol == 'gossip':
     graph = None
     if c.gossip_peers != 'random':

@@ -131,3 +131,22 @@ def test_modest_keeps_learning_when_most_nodes_crash(setup):
   assert int(jnp.sum(state.available)) == 3  # 75% of 12 are down
   assert np.all(np.asarray(metrics.active_nodes[-10:]) >= 2)  # samples found the live nodes
   assert np.all(np.isfinite(np.asarray(metrics.train_loss)))
+
+
+def test_variance_correction_at_the_aggregator(setup):
+  """With the 'received' target, each layer of the aggregate has exactly the mean
+  variance of the models it averaged (Tian et al. 2024), and keeps its mean."""
+  from decsim import mixing
+  learner, data = setup
+  vc = mixing.VarianceCorrection(target='received')
+  plain = modest(learner, nodes=12, sample_size=6)
+  corrected = modest(learner, nodes=12, sample_size=6, variance_correction=vc)
+  s_plain, _ = jax.jit(plain.round)(plain.init(jax.random.key(0), data), data)
+  s_vc, _ = jax.jit(corrected.round)(corrected.init(jax.random.key(0), data), data)
+  sample, _ = hash_ranking(jax.random.key(0), 0, jnp.ones((12,), bool), 6)
+  trained = jax.tree.map(lambda p: p[sample], s_vc.nodes.params)  # the 6 trained models
+  kernel = lambda tree: tree['Dense_0']['kernel']
+  target = float(jnp.mean(jax.vmap(jnp.var)(kernel(trained))))
+  np.testing.assert_allclose(jnp.var(kernel(corrected.model(s_vc))), target, rtol=1e-4)
+  np.testing.assert_allclose(jnp.mean(kernel(corrected.model(s_vc))),
+                             jnp.mean(kernel(plain.model(s_plain))), atol=1e-6)

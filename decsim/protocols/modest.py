@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from decsim import mixing
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, PING, VIEW, Network, uniform_network
 from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
@@ -64,7 +65,8 @@ def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array,
 def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int = 1,
            success_fraction: float = 1.0, ping_timeout: float = 2.0,
            inactivity_threshold: int = 20, network: Network | None = None,
-           availability=None) -> Protocol:
+           availability=None,
+           variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
 
   ``availability(key, round, clock) -> churn.Availability`` supplies membership
@@ -138,6 +140,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     weights = take / jnp.maximum(jnp.sum(take, axis=0, keepdims=True), 1)  # [s, a]
     averaged = jax.tree.map(lambda p: jnp.tensordot(weights.T.astype(p.dtype), p, axes=1),
                             result.params)  # [a, ...]
+    if variance_correction is not None:  # Tian et al. 2024, at every aggregator
+      averaged = _correct(variance_correction, averaged, ex.agg_params, result.params, weights)
     any_ok = jnp.any(ok)
     stalled_until = state.clock + ping_timeout
     new_extra = ex.replace(
@@ -182,6 +186,18 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     return jax.tree.map(lambda p: p[first], state.extra.agg_params)
 
   return Protocol(init, round_, model)
+
+
+def _correct(vc: mixing.VarianceCorrection, averaged: Stacked, previous: Stacked,
+             trained: Stacked, weights: jax.Array) -> Stacked:
+  """Rescales each aggregate's layers to the mean variance of the models it averaged
+  (weights ``[s, a]``; unweighted, so 'received' and 'follow_beta' agree), or to the
+  aggregator's previous model ('self')."""
+  var = mixing.layer_variance(trained, vc.unbiased)  # [s] per leaf
+  received = jax.tree.map(lambda v: weights.T @ v, var)  # [a] per leaf
+  own = mixing.layer_variance(previous, vc.unbiased)  # [a] per leaf
+  return mixing.variance_correct(averaged, mixing.correction_target(vc, own, received, received),
+                                 vc)
 
 
 def _update_view(last_active: jax.Array, online: jax.Array, cand: jax.Array,
