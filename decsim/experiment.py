@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decsim import metrics as metrics_lib
+from decsim import sharding
 from decsim import simulate
 from decsim.data import partition as partition_lib
 from decsim.data import sources
@@ -33,6 +34,7 @@ PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 OPTIMIZERS = ('sgd', 'adam')
 INITS = ('shared', 'independent')
 MIXING = ('auto', 'dense', 'sparse')
+PARAM_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,8 @@ class ExperimentConfig:
   target_accuracy: float = 0.8
   seed: int = 0
   node_chunk: int = -1
+  devices: int = 1
+  param_dtype: str = 'float32'
 
 
 def _check(ok: bool, message: str) -> None:
@@ -126,6 +130,10 @@ def validate(c: ExperimentConfig) -> None:
            f'--eval_nodes={c.eval_nodes} must be in 0..--nodes={c.nodes}')
   _check(0 <= c.target_accuracy <= 1, f'--target_accuracy={c.target_accuracy} must be in [0, 1]')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
+  _choice('param_dtype', c.param_dtype, PARAM_DTYPES)
+  if c.devices != 1:  # asks JAX how many devices there are only when sharding
+    error = sharding.device_error(c.devices, c.nodes, jax.device_count())
+    _check(error is None, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +169,9 @@ def node_chunk(c: ExperimentConfig, cpu_default: int) -> int:
 def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset) -> tuple[Learner, Any]:
   spec = build_model(c.model, dataset.num_classes)
   sample = jnp.zeros((1, *dataset.x_train.shape[1:]), jnp.float32)
-  init_params = lambda key: spec.module.init(key, sample)['params']
+  dtype = jnp.dtype(c.param_dtype)  # params, optimiser state and transfers; compute stays float32
+  init_params = lambda key: jax.tree.map(lambda p: p.astype(dtype),
+                                         spec.module.init(key, sample)['params'])
   apply_fn = lambda params, x: spec.module.apply({'params': params}, x)
   tx = make_optimizer(c.optimizer, c.lr, c.momentum)
   local_update = make_local_update(metrics_lib.make_loss_fn(apply_fn), tx, c.local_steps,
@@ -226,7 +236,8 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
   summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(c.seed),
                          rounds=c.rounds, eval_every=c.eval_every,
                          model_bytes=exp.learner.model_bytes(),
-                         target_accuracy=c.target_accuracy, out_dir=out_dir, log=log)
+                         target_accuracy=c.target_accuracy, out_dir=out_dir, log=log,
+                         mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None)
   if out_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory
     plotting.plot_accuracy(pathlib.Path(out_dir))

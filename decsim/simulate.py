@@ -15,7 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from decsim import sharding
 from decsim.data.sampler import NodeData
 from decsim.protocols.base import Protocol
 from decsim.state import SimState
@@ -28,24 +30,57 @@ class SimulationDiverged(RuntimeError):
   """Training produced a non-finite loss; metrics up to that point are kept."""
 
 
-def make_chunk(protocol: Protocol, length: int):
-  """``chunk(state, data) -> (state, metrics stacked over length rounds)``."""
+def make_chunk(protocol: Protocol, length: int, shardings: SimState | None = None):
+  """``chunk(state, data) -> (state, metrics stacked over length rounds)``.
+
+  With ``shardings`` (``decsim.sharding.state_shardings``) the scan carry is
+  pinned to them every round, so the node axis stays split over the mesh.
+  """
+  pin = (lambda s: s) if shardings is None else (
+      lambda s: jax.lax.with_sharding_constraint(s, shardings))
 
   def chunk(state: SimState, data: NodeData):
-    return jax.lax.scan(lambda s, _: protocol.round(s, data), state, None, length=length)
+    return jax.lax.scan(lambda s, _: protocol.round(pin(s), data), state, None, length=length)
 
   return chunk
+
+
+def compile_chunk(protocol: Protocol, state: SimState, data: NodeData, length: int,
+                  mesh: Mesh | None = None):
+  """The AOT-compiled chunk of ``length`` rounds; the input state is donated (its buffers
+  are reused for the output, so a round holds one copy of the node state, not two).
+  With ``mesh`` the state stays split over the node axis (``decsim.sharding``)."""
+  if mesh is None:
+    fn = jax.jit(make_chunk(protocol, length), donate_argnums=0)
+  else:
+    shardings = sharding.state_shardings(state, mesh)
+    fn = jax.jit(make_chunk(protocol, length, shardings), donate_argnums=0,
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+  return fn.lower(state, data).compile()
+
+
+def peak_memory() -> tuple[int, str]:
+  """``(bytes, source)``: the device allocator's peak where it reports one (GPU, TPU),
+  else this process's peak resident set (CPU; includes Python and the data)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == 'darwin' else rss * 1024), 'host ru_maxrss'
 
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
         eval_every: int, model_bytes: int, target_accuracy: float | None = None,
         out_dir: str | pathlib.Path | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, mesh: Mesh | None = None) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
   Writes ``metrics.jsonl`` (one row per evaluation) and ``summary.json`` into
   ``out_dir`` when given. Raises ``SimulationDiverged`` on a non-finite loss,
-  after writing the rows so far.
+  after writing the rows so far. With ``mesh`` the node axis is split over its
+  devices (``decsim.sharding``).
   """
   if rounds % eval_every:
     raise ValueError(f'rounds={rounds} is not a multiple of eval_every={eval_every}')
@@ -55,10 +90,13 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = open(out / 'metrics.jsonl', 'w')
 
-  state = jax.jit(protocol.init)(key, data)
+  if mesh is None:
+    state = jax.jit(protocol.init)(key, data)
+  else:
+    data = sharding.shard_data(data, mesh)
+    state = sharding.sharded_init(protocol.init, key, data, mesh)
   t0 = time.perf_counter()
-  chunk = jax.jit(make_chunk(protocol, eval_every), donate_argnums=0)
-  chunk = chunk.lower(state, data).compile()
+  chunk = compile_chunk(protocol, state, data, eval_every, mesh)
   evaluate = jax.jit(evaluate)
   evaluate.lower(state).compile()
   compile_seconds = time.perf_counter() - t0
@@ -89,6 +127,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
       metrics_file.close()
     summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
     summary['status'] = status
+    summary['devices'] = 1 if mesh is None else mesh.size
+    summary['peak_memory_bytes'], summary['peak_memory_source'] = peak_memory()
     if out is not None:
       (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary

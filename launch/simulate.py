@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from decsim import experiment
+from decsim import experiment, sharding
 from decsim.data.sources import DataError
 from decsim.experiment import ExperimentConfig
 from decsim.simulate import SimulationDiverged
@@ -55,6 +55,14 @@ flags.DEFINE_float('target_accuracy', _D.target_accuracy, 'Accuracy for *_to_tar
 flags.DEFINE_integer('seed', _D.seed, 'Seed of data, partition, graph, init and every draw.')
 flags.DEFINE_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk of local training: '
                      '-1 auto (by model on CPU, one vmap on GPU), 0 one vmap, k > 0 chunks of k.')
+flags.DEFINE_integer('devices', _D.devices, 'Devices the node axis is split over (1: one; '
+                     '0: all, every host\'s); --nodes must be a multiple of it.')
+flags.DEFINE_string('param_dtype', _D.param_dtype, 'float32 or bfloat16: dtype of stored params, '
+                    'optimiser state and model transfers (bytes); compute stays float32.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0, the same '
+                    'in every process (jax.distributed.initialize).')
+flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes (1: single host).')
+flags.DEFINE_integer('process_id', 0, 'Multi-host: this process, 0..num_processes-1.')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS
@@ -79,12 +87,20 @@ def main(argv) -> None:
     fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
   logging.set_verbosity(logging.ERROR)  # library warnings (tfds) would break one-line errors
   config = config_from_flags()
+  error = sharding.distributed_error(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+  if error:
+    fail(error)
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  # Multi-host: every process runs the same program; process 0 writes the run directory.
+  out = FLAGS.out if FLAGS.num_processes == 1 or FLAGS.process_id == 0 else None
   try:
-    summary = experiment.run(config, out_dir=FLAGS.out)
+    summary = experiment.run(config, out_dir=out)
   except USER_ERRORS as e:
     fail(str(e))
   print_table(summary)
-  print(f'  {"out":<22} {FLAGS.out}')
+  print(f'  {"out":<22} {out}')
 
 
 def fail(message: str) -> None:
