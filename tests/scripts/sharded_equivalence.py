@@ -53,7 +53,7 @@ def placement(config, mesh):
 def main():
   devices = jax.device_count()
   names = sys.argv[1:] or list(CASES)
-  base = experiment.ExperimentConfig(num_samples=1200, nodes=16, model='mlp', rounds=4,
+  base = experiment.ExperimentConfig(num_samples=800, nodes=16, model='logistic', rounds=4,
                                      eval_every=2, local_steps=2, eval_nodes=4, momentum=0.0,
                                      partition='iid', lr=0.1, node_chunk=0)
   for name in names:
