@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import baseline_loop, common
-from decsim import experiment, sharding, simulate
+from decsim import experiment, mixing, sharding, simulate
 from decsim.protocols.base import init_params
 from decsim.topology import build_topology
 
@@ -37,6 +37,7 @@ flags.DEFINE_list('nodes', ['100', '1000', '4000', '10000'], 'Node counts N.')
 flags.DEFINE_list('protocols', ['dpsgd', 'fedavg'], 'dpsgd and/or fedavg (s=10 clients).')
 flags.DEFINE_list('modes', ['vmap', 'loop_jax', 'loop_torch'],
                   'vmap (decsim), loop_jax, loop_torch (skipped when torch is missing).')
+flags.DEFINE_bool('loop', True, 'Time the loop baselines of --modes (--noloop: vmap only).')
 flags.DEFINE_list('node_chunks', ['-1'], 'Vectorisation settings to compare (-1 auto, 0 vmap).')
 flags.DEFINE_integer('rounds', 5, 'Rounds per timed compiled chunk (vmap).')
 flags.DEFINE_integer('repeats', 3, 'Timed chunks (vmap) or rounds (loops); the median is kept.')
@@ -96,8 +97,8 @@ def time_vmap(protocol_name, model, nodes, node_chunk):
   return _record(protocol_name, model, nodes, 'vmap', seconds, trained,
                  node_chunk=learner.node_chunk, compile_seconds=compile_seconds,
                  param_dtype=FLAGS.param_dtype,
-                 mixing=('dense' if protocol_name == 'dpsgd' and nodes <= 96 else 'sparse')
-                 if protocol_name == 'dpsgd' else None)
+                 mixing=(('dense' if mixing.use_dense(nodes, config.degree + 1) else 'sparse')
+                         if protocol_name == 'dpsgd' else None))
 
 
 def _median_round(round_fn, args_fn) -> float:
@@ -194,7 +195,7 @@ def run_suite(models, nodes_list, protocols, modes, node_chunks, log=print) -> l
           continue
         baselines = {}
         for mode in modes:
-          if mode == 'vmap' or nodes > FLAGS.loop_max_nodes:
+          if mode == 'vmap' or nodes > FLAGS.loop_max_nodes or not FLAGS.loop:
             continue
           if mode == 'loop_torch' and (not has_torch or model not in ('logistic', 'mlp', 'lenet')):
             continue
