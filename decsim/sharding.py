@@ -77,21 +77,19 @@ def _by_leading_axis(tree: Any, mesh: Mesh, nodes: int) -> Any:
 
 
 def state_shardings(state: SimState, mesh: Mesh) -> SimState:
-  """A ``SimState`` of shardings for ``state`` (arrays or ``jax.eval_shape`` structs).
+  """A pytree of shardings for ``state`` (arrays or ``jax.eval_shape`` structs).
 
-  ``nodes``, ``models_sent`` and ``available`` are split on the node axis; the
-  scalars replicated; leaves of the protocol's ``extra`` are split when their
-  leading axis is N (per-node ages, views) and replicated otherwise (a server
-  model). That rule only places data: a leaf that is wrongly split still gives
-  the same results, just with more communication.
+  Every leaf whose leading axis is the node axis (N, read from ``state.nodes``)
+  is split over the mesh: the stacked params and optimiser state, the per-node
+  counters and availability mask, per-node fields of a protocol's ``extra``
+  (ages, views). The rest — round, key, clock, a server model — is replicated.
+  The rule reads shapes, not field names, so new ``SimState`` fields need no
+  change here. It only places data: a leaf split by coincidence (a server
+  weight with a dimension equal to N) gives the same results with more
+  communication.
   """
-  nodes = state.models_sent.shape[0]
-  rep, split = replicated(mesh), node_sharding(mesh)
-  return SimState(
-      round=rep, key=rep,
-      nodes=jax.tree.map(lambda _: split, state.nodes),
-      clock=rep, models_sent=split, total_models_sent=rep, available=split,
-      extra=_by_leading_axis(state.extra, mesh, nodes))
+  nodes = jax.tree.leaves(state.nodes)[0].shape[0]
+  return _by_leading_axis(state, mesh, nodes)
 
 
 def data_shardings(data: NodeData, mesh: Mesh) -> NodeData:

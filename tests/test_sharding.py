@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from decsim import experiment, sharding, simulate
 
@@ -176,3 +177,15 @@ def test_bfloat16_params_halve_bytes_and_train(tiny_config, protocol):
 def test_bytes_per_node():
   tree = {'a': np.zeros((5, 3, 2), np.float32), 'b': np.zeros((5,), np.int32)}
   assert sharding.bytes_per_node(tree) == 3 * 2 * 4 + 4
+
+
+def test_state_shardings_split_exactly_the_node_leaves(tiny_config):
+  exp = experiment.build(_tiny(tiny_config))  # FedAvg, N=20: no server weight has a dim of 20
+  shapes = jax.eval_shape(exp.protocol.init, jax.random.key(0), exp.data)
+  mesh = sharding.make_mesh(1)
+  split = jax.tree.map(lambda s: s.spec == P('nodes'), sharding.state_shardings(shapes, mesh))
+  assert jax.tree.leaves(split.nodes.params) and all(jax.tree.leaves(split.nodes.params))
+  assert split.available and not split.round and not split.clock
+  assert not any(jax.tree.leaves(split.extra))  # the server model is replicated
+  data_split = jax.tree.map(lambda s: s.spec == P('nodes'), sharding.data_shardings(exp.data, mesh))
+  assert data_split.idx and data_split.sizes and not data_split.x and not data_split.y
