@@ -27,15 +27,24 @@ def random_dataset(input_shape, samples: int, seed: int = 0) -> ArrayDataset:
   return ArrayDataset('random', x, y, x[:100], y[:100], 10)
 
 
+MAX_SAMPLES = 60_000  # MNIST's train set: the data stays the same size above ~940 nodes
+
+
 def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps: int = 1,
              batch_size: int = 32, node_chunk: int = -1, protocol: str = 'dpsgd',
-             sample_size: int = 10, degree: int = 4):
-  """(config, learner, data) for ``model`` at ``nodes`` nodes on random data."""
+             sample_size: int = 10, degree: int = 4, param_dtype: str = 'float32',
+             mixing: str = 'auto'):
+  """(config, learner, data) for ``model`` at ``nodes`` nodes on random data.
+
+  ``min(nodes * samples_per_node, MAX_SAMPLES)`` samples, split IID; a node with
+  fewer samples than a batch reuses them (the FLOPs of a step do not change).
+  """
   config = experiment.ExperimentConfig(
       protocol=protocol, model=model, nodes=nodes, local_steps=local_steps,
       batch_size=batch_size, node_chunk=node_chunk, topology='kregular', degree=degree,
-      sample_size=min(sample_size, nodes), momentum=0.0)
-  dataset = random_dataset(INPUT_SHAPES[model], nodes * samples_per_node)
+      sample_size=min(sample_size, nodes), momentum=0.0, param_dtype=param_dtype,
+      mixing=mixing)
+  dataset = random_dataset(INPUT_SHAPES[model], min(nodes * samples_per_node, MAX_SAMPLES))
   part = partition_lib.make_partition('iid', dataset.y_train, nodes, seed=0)
   data = NodeData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), part.idx,
                   part.sizes)
@@ -60,6 +69,16 @@ def machine() -> dict:
   return {'platform': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
           'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
           'jax': jax.__version__}
+
+
+def available_memory_bytes() -> tuple[int, str]:
+  """Memory a benchmark may fill: the device's limit where it reports one, else the host's
+  available RAM."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit']), 'device bytes_limit'
+  import psutil
+  return int(psutil.virtual_memory().available), 'host available RAM'
 
 
 def replace(config, **kw):

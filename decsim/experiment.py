@@ -17,6 +17,7 @@ import numpy as np
 from decsim import churn as churn_lib
 from decsim import metrics as metrics_lib
 from decsim import network as network_lib
+from decsim import sharding
 from decsim import simulate
 from decsim.data import partition as partition_lib
 from decsim.data import sources
@@ -39,6 +40,7 @@ PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 OPTIMIZERS = ('sgd', 'adam')
 INITS = ('shared', 'independent')
 MIXING = ('auto', 'dense', 'sparse')
+PARAM_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(ValueError):
@@ -103,6 +105,9 @@ class ExperimentConfig(network_lib.NetworkConfig, churn_lib.ChurnConfig):
   vc_unbiased: bool = False
   vc_epsilon: float = 1e-12
   vc_ratio: float = 1.0
+  # Scale (issue 6)
+  devices: int = 1
+  param_dtype: str = 'float32'
 
 
 def _check(ok: bool, message: str) -> None:
@@ -175,6 +180,12 @@ def validate(c: ExperimentConfig) -> None:
          f'--eval_every={c.eval_every}')
   _check(c.replicas >= 1, f'--replicas={c.replicas} must be at least 1')
   _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
+  _choice('param_dtype', c.param_dtype, PARAM_DTYPES)
+  if c.devices != 1:  # asks JAX how many devices there are only when sharding
+    error = sharding.device_error(c.devices, c.nodes, jax.device_count())
+    _check(error is None, error)
+    _check(c.replicas == 1, f'--replicas={c.replicas} cannot be combined with --devices='
+           f'{c.devices}: run replicas on one device or shard one replica')
   _validate_gossip_and_vc(c)
 
 
@@ -234,7 +245,9 @@ def node_chunk(c: ExperimentConfig, cpu_default: int) -> int:
 def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset) -> tuple[Learner, Any]:
   spec = build_model(c.model, dataset.num_classes)
   sample = jnp.zeros((1, *dataset.x_train.shape[1:]), jnp.float32)
-  init_params = lambda key: spec.module.init(key, sample)['params']
+  dtype = jnp.dtype(c.param_dtype)  # params, optimiser state and transfers; compute stays float32
+  init_params = lambda key: jax.tree.map(lambda p: p.astype(dtype),
+                                         spec.module.init(key, sample)['params'])
   apply_fn = lambda params, x: spec.module.apply({'params': params}, x)
   tx = make_optimizer(c.optimizer, c.lr, c.momentum)
   local_update = make_local_update(metrics_lib.make_loss_fn(apply_fn), tx, c.local_steps,
@@ -383,7 +396,8 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
                          rounds=c.rounds, eval_every=c.eval_every,
                          message_bytes=message_bytes(c, exp.learner),
                          target_accuracy=c.target_accuracy, out_dir=out_dir,
-                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log)
+                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
+                         mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None)
   if out_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory
     plotting.plot_accuracy(pathlib.Path(out_dir))

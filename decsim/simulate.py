@@ -17,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from decsim import sharding
 from decsim.checkpoint import Checkpointer
 from decsim.data.sampler import NodeData
 from decsim.network import KINDS, MODEL
@@ -32,19 +34,54 @@ class SimulationDiverged(RuntimeError):
   """Training produced a non-finite loss; metrics up to that point are kept."""
 
 
-def make_chunk(protocol: Protocol, length: int):
-  """``chunk(state, data) -> (state, metrics stacked over length rounds)``."""
+def make_chunk(protocol: Protocol, length: int, shardings: SimState | None = None):
+  """``chunk(state, data) -> (state, metrics stacked over length rounds)``.
+
+  With ``shardings`` (``decsim.sharding.state_shardings``) the scan carry is
+  pinned to them every round, so the node axis stays split over the mesh.
+  """
+  pin = (lambda s: s) if shardings is None else (
+      lambda s: jax.lax.with_sharding_constraint(s, shardings))
 
   def chunk(state: SimState, data: NodeData):
-    return jax.lax.scan(lambda s, _: protocol.round(s, data), state, None, length=length)
+    return jax.lax.scan(lambda s, _: protocol.round(pin(s), data), state, None, length=length)
 
   return chunk
+
+
+def compile_chunk(protocol: Protocol, state: SimState, data: NodeData, length: int,
+                  mesh: Mesh | None = None, replicated: bool = False):
+  """The AOT-compiled chunk of ``length`` rounds; the input state is donated (its buffers
+  are reused for the output, so a round holds one copy of the node state, not two).
+  With ``mesh`` the state stays split over the node axis (``decsim.sharding``); with
+  ``replicated`` the chunk is vmapped over a leading replica axis of the state."""
+  if mesh is None:
+    chunk = make_chunk(protocol, length)
+    fn = jax.jit(jax.vmap(chunk, in_axes=(0, None)) if replicated else chunk, donate_argnums=0)
+  else:
+    shardings = sharding.state_shardings(state, mesh)
+    fn = jax.jit(make_chunk(protocol, length, shardings), donate_argnums=0,
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+  return fn.lower(state, data).compile()
+
+
+def peak_memory() -> tuple[int, str]:
+  """``(bytes, source)``: the device allocator's peak where it reports one (GPU, TPU),
+  else this process's peak resident set (CPU; includes Python and the data)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == 'darwin' else rss * 1024), 'host ru_maxrss'
 
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
         eval_every: int, message_bytes: tuple[int, ...], target_accuracy: float | None = None,
         out_dir: str | pathlib.Path | None = None, checkpoint_every: int = 0,
-        resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        resume: bool = False, log: Callable[[str], None] = print,
+        mesh: Mesh | None = None) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
   Writes ``metrics.jsonl`` (one row per evaluation) and ``summary.json`` into
@@ -52,6 +89,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   rounds into ``out_dir/checkpoints``. With ``resume`` the run continues from the
   newest readable checkpoint and keeps the rows written up to it. Raises
   ``SimulationDiverged`` on a non-finite loss, after writing the rows so far.
+  With ``mesh`` the node axis is split over its devices (``decsim.sharding``); a
+  batch of keys (one per replica) runs the replicas as one vmapped simulation.
   """
   if rounds % eval_every:
     raise ValueError(f'rounds={rounds} is not a multiple of eval_every={eval_every}')
@@ -63,8 +102,14 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     raise ValueError('checkpoints need an output directory')
 
   replicated = key.ndim == 1  # a key per replica: R seeds vmapped as one simulation
-  init = jax.vmap(protocol.init, in_axes=(0, None)) if replicated else protocol.init
-  state = jax.jit(init)(key, data)
+  if replicated and mesh is not None:
+    raise ValueError('replicas and a device mesh cannot be combined')
+  if mesh is None:
+    init = jax.vmap(protocol.init, in_axes=(0, None)) if replicated else protocol.init
+    state = jax.jit(init)(key, data)
+  else:
+    data = sharding.shard_data(data, mesh)
+    state = sharding.sharded_init(protocol.init, key, data, mesh)
   rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
   checkpointer = Checkpointer(out / 'checkpoints') if checkpoint_every or resume else None
   if resume:
@@ -73,6 +118,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
       log(f'no checkpoint in {checkpointer.directory}; starting at round 0')
     else:
       step, state, meta = restored
+      if mesh is not None:  # restored on one device; split the node axis again
+        state = sharding.put(state, sharding.state_shardings(state, mesh))
       rows = [r for r in read_rows(out / 'metrics.jsonl') if r['round'] <= step]
       run_seconds, node_steps = meta['run_seconds'], meta['node_steps']
       log(f'resumed from the checkpoint at round {step}')
@@ -84,9 +131,7 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     metrics_file.flush()
 
   t0 = time.perf_counter()
-  chunk = make_chunk(protocol, eval_every)
-  chunk = jax.jit(jax.vmap(chunk, in_axes=(0, None)) if replicated else chunk, donate_argnums=0)
-  chunk = chunk.lower(state, data).compile()
+  chunk = compile_chunk(protocol, state, data, eval_every, mesh, replicated)
   evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
   evaluate.lower(state).compile()
   compile_seconds = time.perf_counter() - t0
@@ -121,6 +166,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
       checkpointer.close()
     summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
     summary['status'] = status
+    summary['devices'] = 1 if mesh is None else mesh.size
+    summary['peak_memory_bytes'], summary['peak_memory_source'] = peak_memory()
     if out is not None:
       (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
@@ -139,6 +186,11 @@ def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
   return rows
 
 
+# Messages per kind summed over nodes ([..., N, K] -> [..., K]) on the device: the
+# per-node counts may be split over devices and hosts, the sums are replicated.
+_sent_by_kind = jax.jit(lambda sent: jnp.sum(sent, axis=-2))
+
+
 def _row(state: SimState, metrics, evals: dict[str, jax.Array],
          message_bytes: tuple[int, ...]) -> dict[str, Any]:
   """One metrics.jsonl row; simulated quantities only, so rows are deterministic.
@@ -147,7 +199,7 @@ def _row(state: SimState, metrics, evals: dict[str, jax.Array],
   with ``<key>_std`` and the per-replica values ``<key>_replicas`` beside it.
   """
   fields = jax.tree.map(np.asarray, {
-      'round': state.round, 'sim_seconds': state.clock, 'sent': state.sent,
+      'round': state.round, 'sim_seconds': state.clock, 'sent': _sent_by_kind(state.sent),
       'train_loss': jnp.mean(metrics.train_loss, axis=-1), **evals})
   if fields['round'].ndim == 0:
     return _replica_row(fields, message_bytes)
@@ -166,7 +218,7 @@ def _row(state: SimState, metrics, evals: dict[str, jax.Array],
 
 
 def _replica_row(fields: dict[str, np.ndarray], message_bytes: tuple[int, ...]) -> dict[str, Any]:
-  counts = fields['sent'].sum(axis=0)  # [K]
+  counts = fields['sent']  # [K]
   by_kind = {f'bytes_{kind}': int(c) * b for kind, c, b in zip(KINDS, counts, message_bytes)}
   row = {
       'round': int(fields['round']),

@@ -15,11 +15,11 @@ import sys
 
 from absl import app, flags, logging
 
-from decsim import experiment
+from decsim import experiment, sharding
 from decsim.churn import ChurnError
 from decsim.data.sources import DataError
-from decsim.network import NetworkError
 from decsim.experiment import ExperimentConfig
+from decsim.network import NetworkError
 from decsim.simulate import SimulationDiverged
 from decsim.topology import TopologyError
 
@@ -122,6 +122,14 @@ flags.DEFINE_bool('vc_unbiased', _D.vc_unbiased, 'Variance correction with ddof=
 flags.DEFINE_float('vc_epsilon', _D.vc_epsilon, 'Variance correction: floor of the variance.')
 flags.DEFINE_float('vc_ratio', _D.vc_ratio, 'Variance correction: fraction of the way to the '
                    'target std (1: full).')
+flags.DEFINE_integer('devices', _D.devices, 'Devices the node axis is split over (1: one; '
+                     '0: all, every host\'s); --nodes must be a multiple of it.')
+flags.DEFINE_string('param_dtype', _D.param_dtype, 'float32 or bfloat16: dtype of stored params, '
+                    'optimiser state and model transfers (bytes); compute stays float32.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0, the same '
+                    'in every process (jax.distributed.initialize).')
+flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes (1: single host).')
+flags.DEFINE_integer('process_id', 0, 'Multi-host: this process, 0..num_processes-1.')
 flags.DEFINE_string('out', 'runs/latest', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 FLAGS = flags.FLAGS
@@ -147,12 +155,20 @@ def main(argv) -> None:
     fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
   logging.set_verbosity(logging.ERROR)  # library warnings (tfds) would break one-line errors
   config = config_from_flags()
+  error = sharding.distributed_error(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+  if error:
+    fail(error)
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  # Multi-host: every process runs the same program; process 0 writes the run directory.
+  out = FLAGS.out if FLAGS.num_processes == 1 or FLAGS.process_id == 0 else None
   try:
-    summary = experiment.run(config, out_dir=FLAGS.out)
+    summary = experiment.run(config, out_dir=out)
   except USER_ERRORS as e:
     fail(str(e))
   print_table(summary)
-  print(f'  {"out":<22} {FLAGS.out}')
+  print(f'  {"out":<22} {out}')
 
 
 def fail(message: str) -> None:
