@@ -21,6 +21,8 @@ class Stream(enum.IntEnum):
   SAMPLE = 3  # which nodes a server or protocol samples
   TOPOLOGY = 4  # time-varying graphs and peer choices
   CHURN = 5  # availability draws
+  TASK = 10  # RL: the questions each node samples (decsim.rl)
+  ROLLOUT = 11  # RL: the completions each node generates (decsim.rl)
 
 
 def round_key(key: PRNGKey, round_: jax.Array, stream: Stream) -> PRNGKey:

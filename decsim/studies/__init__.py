@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 STUDIES: dict[str, str] = {
     # name -> module path of a function run(out_dir: pathlib.Path, quick: bool) -> dict
+    'sapo': 'decsim.studies.sapo:run',
 }
 
 
