@@ -78,6 +78,7 @@ def test_grpo_raises_expected_reward_on_a_bandit():
   assert float(prob_seven(params)) > 0.5
 
 
+@pytest.mark.slow
 def test_zero_weight_groups_do_not_move_the_policy_and_iterations_use_the_ratio():
   policy = policy_lib.make_policy(CONFIG)
   params = policy.init(jax.random.key(1))

@@ -3,9 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from decsim.rl import policy as policy_lib
 from decsim.rl import tasks
+
+_questions = jax.jit(tasks.sample_questions, static_argnums=(1, 2))  # eager vmap(switch) is slow
 
 CONFIG = policy_lib.PolicyConfig(max_len=12, dim=16, heads=2, layers=2, mlp=32)
 
@@ -35,7 +38,7 @@ def test_sampled_tokens_follow_the_teacher_forced_distribution():
   """Greedy decoding through the cache picks the argmax of the full forward pass at each step."""
   policy = policy_lib.make_policy(CONFIG)
   params = policy.init(jax.random.key(3))
-  prompts = tasks.sample_questions(jax.random.key(4), (5,)).prompt[:, -4:]  # [5, 4]
+  prompts = _questions(jax.random.key(4), (5,)).prompt[:, -4:]  # [5, 4]
   out = policy_lib.sample(policy, params, jax.random.key(0), prompts, 6, temperature=0.0)
   seq = jnp.concatenate([prompts, out], -1)
   logits = policy.apply(params, seq[:, :-1])[:, 3:]  # predictions of the completion tokens
@@ -49,7 +52,7 @@ def test_vmapped_sampling_equals_per_node_sampling():
   n = 4
   params = _stacked(policy, n)
   keys = jax.random.split(jax.random.key(5), n)
-  prompts = tasks.sample_questions(jax.random.key(6), (n, 3)).prompt[..., -6:]  # [N, 3, 6]
+  prompts = _questions(jax.random.key(6), (n, 3)).prompt[..., -6:]  # [N, 3, 6]
   sample = lambda p, k, x: policy_lib.sample(policy, p, k, x, 6, temperature=1.0)
   together = jax.jit(jax.vmap(sample))(params, keys, prompts)
   for i in range(n):
@@ -58,10 +61,11 @@ def test_vmapped_sampling_equals_per_node_sampling():
   assert not np.array_equal(together[0], together[1])  # nodes do differ
 
 
+@pytest.mark.slow
 def test_eos_masks_the_rest_of_the_completion():
   policy = policy_lib.make_policy(CONFIG)
   params = _stacked(policy, 1)
-  prompts = tasks.sample_questions(jax.random.key(7), (64,)).prompt[:, -4:]
+  prompts = _questions(jax.random.key(7), (64,)).prompt[:, -4:]
   out = np.asarray(policy_lib.sample(policy, jax.tree.map(lambda x: x[0], params),
                                      jax.random.key(8), prompts, 8, temperature=3.0))
   had_eos = 0

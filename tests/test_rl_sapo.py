@@ -108,6 +108,7 @@ def test_zero_external_groups_equals_independent_grpo_per_node():
   assert moved > 1e-4  # the update did something
 
 
+@pytest.mark.slow
 def test_churn_freezes_offline_nodes_and_bytes_count_only_sharers():
   _, params, sapo, _ = _setup(2, churn=0.5)
   state = sapo.init(jax.random.key(3), params)
@@ -130,6 +131,7 @@ def test_churn_freezes_offline_nodes_and_bytes_count_only_sharers():
   assert seen_offline
 
 
+@pytest.mark.slow
 def test_staleness_round_runs_and_external_groups_fill():
   _, params, sapo, _ = _setup(2, staleness=2)
   state = sapo.init(jax.random.key(3), params)
@@ -178,6 +180,7 @@ def test_bad_flags_exit_2_with_one_line(args, named, tmp_path):
   assert len(lines) == 1 and lines[0].startswith('decsim: error:') and named in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_launch_writes_metrics_and_summary(tmp_path):
   proc = _launch(['--nodes=3', '--local_groups=2', '--external_groups=2', '--generations=2',
                   '--rounds=4', '--log_every=2', '--dim=8', '--layers=1', '--warmup_min=1',

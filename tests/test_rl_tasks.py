@@ -7,6 +7,8 @@ import pytest
 
 from decsim.rl import tasks
 
+_questions = jax.jit(tasks.sample_questions, static_argnums=(1, 2))  # eager vmap(switch) is slow
+
 HAND = [  # (answer text before EOS, oracle, expected score)
     ('42', '42', 1.0),
     ('142', '42', 2 / 3),  # oracle inside the answer: len(oracle) / len(answer)
@@ -39,7 +41,7 @@ def test_verifier_ignores_text_after_eos_and_counts_all_without_eos():
 
 
 def test_generated_questions_are_correct_for_every_kind():
-  q = tasks.sample_questions(jax.random.key(0), (400,))
+  q = _questions(jax.random.key(0), (400,))
   kinds = np.asarray(q.kind)
   assert set(kinds.tolist()) == set(range(len(tasks.TASKS)))  # >= 4 kinds, all drawn
   for k in range(400):
@@ -61,7 +63,7 @@ def test_generated_questions_are_correct_for_every_kind():
 
 def test_task_mix_restricts_kinds_and_rejects_unknown():
   mix = tasks.parse_task_mix('bits,mod:3')
-  q = tasks.sample_questions(jax.random.key(1), (300,), mix)
+  q = _questions(jax.random.key(1), (300,), mix)
   counts = np.bincount(np.asarray(q.kind), minlength=len(tasks.TASKS))
   assert counts[tasks.TASKS.index('add')] == 0 and counts[tasks.TASKS.index('rev')] == 0
   assert counts[tasks.TASKS.index('mod')] > 2 * counts[tasks.TASKS.index('bits')] > 0

@@ -32,7 +32,7 @@ class SapoRunConfig:
   local_groups: int = 4
   external_groups: int = 4
   generations: int = 8
-  rounds: int = 300
+  rounds: int = 200
   filter: str = 'nonzero_advantage'
   task_mix: str = ','.join(tasks.TASKS)
   seed: int = 0

@@ -44,6 +44,8 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
 def run_study(out_dir: pathlib.Path, base: SapoRunConfig, seeds=(0, 1, 2), splits=SPLITS,
               log=print) -> dict:
   """Runs every split for every seed into ``out_dir/<I>_<J>/seed<s>``; writes study.json and a plot."""
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)  # orbax logs every checkpoint at INFO
   runs: dict[str, dict[str, Any]] = {}
   curves: dict[str, list[np.ndarray]] = {}
   for i, j in splits:
