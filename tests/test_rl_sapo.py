@@ -192,3 +192,16 @@ def test_launch_writes_metrics_and_summary(tmp_path):
   assert summary['cumulative_reward'] == pytest.approx(sum(r['reward'] for r in rows))
   assert summary['bytes_shared_total'] == sum(r['bytes_shared'] for r in rows) > 0
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['nodes'] == 3
+
+
+@pytest.mark.slow
+def test_quick_sapo_study_writes_all_four_labels(tmp_path, monkeypatch):
+  from decsim import studies
+  monkeypatch.setenv('DECSIM_CACHE', str(tmp_path / 'cache'))
+  runs = studies.get_study('sapo')(tmp_path / 'study', quick=True)
+  study = json.loads((tmp_path / 'study' / 'study.json').read_text())
+  assert study['study'] == 'sapo' and list(study['runs']) == ['8/0', '6/2', '4/4', '2/6']
+  for label, r in study['runs'].items():
+    assert r['cumulative_reward'] == pytest.approx(runs[label]['cumulative_reward'])
+    assert r['cumulative_reward'] > 0
+  assert (tmp_path / 'study' / 'reward.png').stat().st_size > 0

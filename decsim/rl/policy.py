@@ -11,6 +11,7 @@ over that axis from the outside.
 how ``sample`` generates. The two agree (tested).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -98,10 +99,10 @@ class Policy(NamedTuple):
   """Pure functions of one node's policy; vmap them over the node axis."""
 
   config: PolicyConfig
-  init: 'callable'  # (key) -> params
-  apply: 'callable'  # (params, tokens [B, L]) -> logits [B, L, V]
-  decode_step: 'callable'  # (params, token [B], pos, cache) -> (logits [B, V], cache)
-  init_cache: 'callable'  # (batch) -> cache [layers, 2, B, Lmax, H, Dh]
+  init: Callable  # (key) -> params
+  apply: Callable  # (params, tokens [B, L]) -> logits [B, L, V]
+  decode_step: Callable  # (params, token [B], pos, cache) -> (logits [B, V], cache)
+  init_cache: Callable  # (batch) -> cache [layers, 2, B, Lmax, H, Dh]
 
 
 def make_policy(config: PolicyConfig = PolicyConfig()) -> Policy:
