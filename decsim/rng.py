@@ -22,6 +22,8 @@ class Stream(enum.IntEnum):
   TOPOLOGY = 4  # time-varying graphs and peer choices
   CHURN = 5  # availability draws
   GOSSIP = 6  # gossip wake-up jitter
+  TASK = 10  # RL: the questions each node samples (decsim.rl)
+  ROLLOUT = 11  # RL: the completions each node generates (decsim.rl)
 
 
 def round_key(key: PRNGKey, round_: jax.Array, stream: Stream) -> PRNGKey:

@@ -1,0 +1,207 @@
+"""One SAPO run from one flat configuration: base models, rounds, output files.
+
+``SapoRunConfig`` mirrors the flags of ``launch/sapo.py`` one to one (as
+``decsim.experiment.ExperimentConfig`` does for ``launch/simulate.py``), so a
+run's ``config.json`` is its complete description. Rounds run in jit-compiled
+``lax.scan`` chunks of ``log_every``; ``metrics.jsonl`` gets one row per round.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decsim.experiment import ConfigError
+from decsim.rl import base as base_lib
+from decsim.rl import grpo as grpo_lib
+from decsim.rl import policy as policy_lib
+from decsim.rl import sapo as sapo_lib
+from decsim.rl import tasks
+from decsim.simulate import SimulationDiverged
+
+
+@dataclasses.dataclass(frozen=True)
+class SapoRunConfig:
+  nodes: int = 8
+  local_groups: int = 4
+  external_groups: int = 4
+  generations: int = 8
+  rounds: int = 200
+  filter: str = 'nonzero_advantage'
+  task_mix: str = ','.join(tasks.TASKS)
+  seed: int = 0
+  completion_len: int = 6
+  temperature: float = 1.0
+  lr: float = 1e-3
+  iterations: int = 1
+  kl_coef: float = 0.0
+  churn: float = 0.0
+  staleness: int = 0
+  dim: int = 48
+  layers: int = 2
+  warmup_min: int = 60
+  warmup_max: int = 180
+  warmup_kinds: int = 0
+  log_every: int = 50
+  node_chunk: int = 0
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(c: SapoRunConfig) -> tuple[float, ...]:
+  """Raises ConfigError (one line naming the flag and the fix); returns the task mix."""
+  _check(c.nodes >= 2, f'--nodes={c.nodes}: SAPO needs at least 2 nodes to share with')
+  _check(c.local_groups >= 1, f'--local_groups={c.local_groups}: each node needs >= 1 own group')
+  _check(c.external_groups >= 0, f'--external_groups={c.external_groups} must be >= 0')
+  _check(c.external_groups <= (c.nodes - 1) * c.local_groups,
+         f'--external_groups={c.external_groups} exceeds the {(c.nodes - 1) * c.local_groups} groups '
+         'other nodes share (nodes-1)*local_groups: lower it or raise --nodes')
+  _check(c.generations >= 2, f'--generations={c.generations}: a group needs >= 2 completions '
+         'for a group-standardised advantage')
+  _check(c.rounds >= 1, f'--rounds={c.rounds} must be >= 1')
+  _check(c.log_every >= 1 and c.rounds % c.log_every == 0,
+         f'--rounds={c.rounds} is not a multiple of --log_every={c.log_every}: change one of them')
+  _check(c.filter in sapo_lib.FILTERS,
+         f'--filter={c.filter!r} is unknown: choose one of {", ".join(sapo_lib.FILTERS)}')
+  _check(tasks.ANSWER_LEN + 1 <= c.completion_len <= 16,
+         f'--completion_len={c.completion_len}: use {tasks.ANSWER_LEN + 1}..16 (answer + EOS)')
+  _check(c.temperature >= 0, f'--temperature={c.temperature} must be >= 0')
+  _check(c.lr > 0, f'--lr={c.lr} must be > 0')
+  _check(c.iterations >= 1, f'--iterations={c.iterations} must be >= 1')
+  _check(c.kl_coef >= 0, f'--kl_coef={c.kl_coef} must be >= 0')
+  _check(0 <= c.churn < 1, f'--churn={c.churn}: an offline probability in [0, 1)')
+  _check(c.staleness >= 0, f'--staleness={c.staleness} must be >= 0 rounds')
+  _check(c.dim >= 8 and c.dim % 4 == 0, f'--dim={c.dim}: a multiple of 4 heads, >= 8')
+  _check(c.layers >= 1, f'--layers={c.layers} must be >= 1')
+  _check(0 <= c.warmup_min <= c.warmup_max,
+         f'--warmup_min={c.warmup_min} / --warmup_max={c.warmup_max}: need 0 <= min <= max')
+  _check(0 <= c.warmup_kinds <= len(tasks.TASKS),
+         f'--warmup_kinds={c.warmup_kinds}: use 0 (all kinds) to {len(tasks.TASKS)}')
+  try:
+    return tasks.parse_task_mix(c.task_mix)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def build(c: SapoRunConfig):
+  """``(policy, sapo, warmup config)`` of a validated configuration."""
+  mix = validate(c)
+  policy = policy_lib.make_policy(policy_lib.PolicyConfig(
+      max_len=tasks.PROMPT_LEN + c.completion_len, dim=c.dim, layers=c.layers, mlp=2 * c.dim))
+  config = sapo_lib.SapoConfig(
+      nodes=c.nodes, local_groups=c.local_groups, external_groups=c.external_groups,
+      generations=c.generations, completion_len=c.completion_len, temperature=c.temperature,
+      filter=c.filter, task_mix=mix, churn=c.churn, staleness=c.staleness,
+      grpo=grpo_lib.GRPOConfig(lr=c.lr, iterations=c.iterations, kl_coef=c.kl_coef),
+      node_chunk=c.node_chunk)
+  warmup = base_lib.WarmupConfig(steps_min=c.warmup_min, steps_max=c.warmup_max,
+                                 kinds_per_node=c.warmup_kinds)
+  return policy, sapo_lib.sapo(policy, config), warmup, mix
+
+
+def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, Any]:
+  """Runs SAPO; writes ``metrics.jsonl`` (a row per round), ``summary.json``, ``config.json``."""
+  policy, sapo, warmup, mix = build(c)
+  out = pathlib.Path(out_dir) if out_dir is not None else None
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
+
+  t0 = time.perf_counter()
+  params = base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
+                                cache_dir=cache_dir, log=log)
+  jax.block_until_ready(params)
+  warmup_seconds = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  state = sapo.init(jax.random.key(c.seed), params)
+  chunk = _compiled_chunk(c, sapo, state)
+  compile_seconds = time.perf_counter() - t0
+
+  rows, run_seconds, status = [], 0.0, 'completed'
+  metrics_file = open(out / 'metrics.jsonl', 'w') if out is not None else None
+  try:
+    for _ in range(c.rounds // c.log_every):
+      t = time.perf_counter()
+      state, m = chunk(state)
+      m = jax.device_get(m)
+      run_seconds += time.perf_counter() - t
+      first = len(rows) + 1
+      new = [_row(first + k, m, k) for k in range(c.log_every)]
+      rows += new
+      if metrics_file:
+        metrics_file.write(''.join(json.dumps(r) + '\n' for r in new))
+        metrics_file.flush()
+      recent = np.mean([r['reward'] for r in new])
+      log(f'round {rows[-1]["round"]:>6}/{c.rounds}  reward {recent:.4f} (last {c.log_every})  '
+          f'loss {rows[-1]["loss"]:.4f}  {len(rows) / max(run_seconds, 1e-9):6.1f} rounds/s')
+      if not math.isfinite(rows[-1]['loss']):
+        status = 'diverged'
+        raise SimulationDiverged(f'GRPO diverged by round {rows[-1]["round"]}: the loss is not '
+                                 f'finite; lower --lr (metrics so far are in {out or "memory"})')
+  finally:
+    if metrics_file:
+      metrics_file.close()
+    summary = summarize(rows, int(np.asarray(state.bytes_shared).sum()) if rows else 0, c)
+    summary.update(status=status, warmup_seconds=warmup_seconds, compile_seconds=compile_seconds,
+                   wall_seconds=run_seconds,
+                   rounds_per_second=len(rows) / run_seconds if run_seconds > 0 else None)
+    if out is not None:
+      (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  return summary
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_chunk(c: SapoRunConfig, sapo, state):
+  """One AOT-compiled chunk of ``log_every`` rounds per configuration; seeds share it."""
+  key = dataclasses.replace(c, seed=0)
+  if key not in _COMPILED:
+    scan = lambda s: jax.lax.scan(lambda s, _: sapo.round(s), s, None, length=c.log_every)
+    _COMPILED[key] = jax.jit(scan, donate_argnums=0).lower(state).compile()
+  return _COMPILED[key]
+
+
+def _row(round_: int, m: sapo_lib.SapoMetrics, k: int) -> dict[str, Any]:
+  nr = m.node_reward[k]
+  return {'round': round_, 'reward': float(m.reward[k]), 'exact': float(m.exact[k]),
+          'node_reward_min': float(nr.min()), 'node_reward_max': float(nr.max()),
+          'loss': float(m.loss[k]), 'external_groups': float(m.external_groups[k]),
+          'signal_fraction': float(m.signal_fraction[k]), 'bytes_shared': int(m.bytes_shared[k]),
+          'active_nodes': int(m.active_nodes[k])}
+
+
+def moving_average(x, window: int) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  c = np.cumsum(np.insert(x, 0, 0.0))
+  w = np.minimum(np.arange(1, len(x) + 1), window)
+  return (c[1:] - c[np.arange(1, len(x) + 1) - w]) / w
+
+
+def summarize(rows: list[dict[str, Any]], bytes_total: int, c: SapoRunConfig) -> dict[str, Any]:
+  """``cumulative_reward`` = the sum over rounds of the swarm-mean reward (the paper's measure)."""
+  rewards = np.asarray([r['reward'] for r in rows], np.float64)
+  tenth = max(len(rewards) // 10, 1)
+  return {
+      'cumulative_reward': float(rewards.sum()),
+      'mean_reward': float(rewards.mean()) if len(rewards) else None,
+      'initial_reward': float(rewards[:tenth].mean()) if len(rewards) else None,
+      'final_reward': float(rewards[-tenth:].mean()) if len(rewards) else None,
+      'best_moving_average': float(moving_average(rewards, 20).max()) if len(rewards) else None,
+      'final_exact': float(np.mean([r['exact'] for r in rows[-tenth:]])) if rows else None,
+      'rounds': len(rows),
+      'nodes': c.nodes,
+      'config': f'{c.local_groups}/{c.external_groups}',
+      'bytes_shared_total': bytes_total,
+      'bytes_shared_per_node_round': bytes_total / (c.nodes * len(rows)) if rows else 0.0,
+  }

@@ -1,0 +1,236 @@
+"""SAPO: swarm RL post-training with shared rollouts, all N policies in one round.
+
+Gensyn (2025), "Sharing is Caring: Efficient LM Post-Training with Collective RL
+Experience Sharing". Every round each node
+
+1. samples I questions and generates G completions for each with its own policy;
+2. shares its I groups with the swarm: the pool ``[N, I, G, T]``;
+3. draws J groups shared by *other* nodes (filter ``nonzero_advantage`` — drop
+   groups whose rewards are all equal, then uniform — in the paper's controlled
+   runs; or ``uniform``, ``top_k`` by mean reward, ``first_k`` in pool order);
+4. scores them with its own verifier and re-encodes them under its own policy
+   (teacher-forced log-probabilities become the "old" policy of the ratio); and
+5. takes a GRPO step on its I local + J external groups.
+
+Here every step is array algebra over the node axis: one vmapped sampler, one
+``top_k`` over a ``[N, N*I]`` score matrix for the draws, one gather for the
+external groups, one vmapped GRPO update. Options: churn (an offline node
+neither shares nor trains), staleness (external groups come from the pool of
+round r - d), and per-node counts of bytes shared.
+
+All nodes run the same verifier program, so re-scoring the pool once is what
+every node's own re-scoring would give.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from decsim import rng
+from decsim.local import map_nodes
+from decsim.rl import grpo as grpo_lib
+from decsim.rl import policy as policy_lib
+from decsim.rl import tasks
+from decsim.state import NodeState
+from decsim.types import PRNGKey, Stacked
+
+FILTERS = ('nonzero_advantage', 'uniform', 'top_k', 'first_k')
+
+
+class SapoConfig(NamedTuple):
+  nodes: int = 8
+  local_groups: int = 4  # I
+  external_groups: int = 4  # J
+  generations: int = 8  # G
+  completion_len: int = 6  # T
+  temperature: float = 1.0
+  filter: str = 'nonzero_advantage'
+  task_mix: tuple[float, ...] = (1.0,) * len(tasks.TASKS)
+  churn: float = 0.0  # probability that a node is offline in a round
+  staleness: int = 0  # d: external groups come from round r - d
+  grpo: grpo_lib.GRPOConfig = grpo_lib.GRPOConfig()
+  node_chunk: int = 0  # see decsim.local.map_nodes
+
+
+class Pool(NamedTuple):
+  """What the swarm shares in one round."""
+
+  prompt: jax.Array  # [N, I, P]
+  oracle: jax.Array  # [N, I, A]
+  oracle_len: jax.Array  # [N, I]
+  completions: jax.Array  # [N, I, G, T]
+  rewards: jax.Array  # [N, I, G] scored by the verifier
+  online: jax.Array  # [N] bool, the sharer was online (offline nodes share nothing)
+
+
+@struct.dataclass
+class SapoState:
+  round: jax.Array  # [] int32, rounds completed
+  key: PRNGKey  # [] root key; every draw comes from decsim.rng
+  nodes: NodeState  # params, Adam state; leaves [N, ...]
+  bytes_shared: jax.Array  # [N] int32, bytes each node has shared so far
+  history: Any = None  # Pool with leaves [d, ...]: the last d pools (staleness d > 0)
+  ref_params: Any = None  # leaves [N, ...]: the base models (reference KL only)
+
+
+@struct.dataclass
+class SapoMetrics:
+  reward: jax.Array  # [] mean reward of the online nodes' own completions
+  node_reward: jax.Array  # [N] mean reward of each node's own completions
+  exact: jax.Array  # [] fraction of own completions scoring 1.0
+  loss: jax.Array  # [] mean GRPO loss of the nodes that trained
+  external_groups: jax.Array  # [] mean external groups per training node
+  signal_fraction: jax.Array  # [] trained groups whose rewards are not all equal
+  bytes_shared: jax.Array  # [] bytes shared this round, all nodes
+  active_nodes: jax.Array  # [] int32 nodes online
+
+
+class Sapo(NamedTuple):
+  init: Any  # (key, params [N, ...]) -> SapoState
+  round: Any  # (state) -> (state, SapoMetrics)
+
+
+def select_external(key: PRNGKey, rewards: jax.Array, online: jax.Array, j: int,
+                    filter: str) -> tuple[jax.Array, jax.Array]:
+  """Which shared groups each node trains on: ``idx [N, J]`` into the flat pool ``[N*I]``, ``valid [N, J]``.
+
+  A node never draws its own groups or those of an offline node; with fewer
+  than J eligible groups the rest of its row is marked invalid.
+  """
+  n, i = rewards.shape[:2]
+  owner = jnp.arange(n * i) // i  # [N*I]
+  eligible = (owner[None, :] != jnp.arange(n)[:, None]) & online[owner][None, :]  # [N, N*I]
+  u = jax.random.uniform(key, (n, n * i))
+  if filter == 'nonzero_advantage':
+    eligible &= grpo_lib.nonzero_advantage(rewards).reshape(-1)[None, :]
+    score = u
+  elif filter == 'uniform':
+    score = u
+  elif filter == 'top_k':
+    score = rewards.mean(-1).reshape(-1)[None, :] + 1e-3 * u  # ties broken at random
+  elif filter == 'first_k':
+    score = jnp.broadcast_to(-jnp.arange(n * i, dtype=jnp.float32), (n, n * i))
+  else:
+    raise ValueError(f'--filter={filter!r} is unknown: choose one of {", ".join(FILTERS)}')
+  top, idx = jax.lax.top_k(jnp.where(eligible, score, -jnp.inf), j)
+  return idx, top > -jnp.inf
+
+
+def score_groups(completions: jax.Array, oracle: jax.Array, oracle_len: jax.Array) -> jax.Array:
+  """Verifier over ``[..., G, T]`` completions with ``[..., A]`` oracles -> ``[..., G]``."""
+  lead = completions.shape[:-2]
+  g, t = completions.shape[-2:]
+  flat_c = completions.reshape(-1, g, t)
+  flat_o = oracle.reshape(-1, oracle.shape[-1])
+  flat_l = oracle_len.reshape(-1)
+  s = jax.vmap(lambda c, o, l: jax.vmap(lambda cc: tasks.score(cc, o, l))(c))(flat_c, flat_o, flat_l)
+  return s.reshape(*lead, g)
+
+
+def shared_bytes(prompt: jax.Array, completions: jax.Array) -> jax.Array:
+  """Bytes a node shares for its groups ``[N, I, ...]``: one byte per character, prompt once per group."""
+  prompt_chars = (prompt != tasks.PAD).sum((-1, -2))
+  completion_chars = policy_lib.completion_mask(completions).sum((-1, -2, -3))
+  return (prompt_chars + completion_chars).astype(jnp.int32)  # [N]
+
+
+def sapo(policy: policy_lib.Policy, config: SapoConfig) -> Sapo:
+  """Builds SAPO's ``init`` and ``round`` for ``config.nodes`` policies."""
+  n, i, j, g = config.nodes, config.local_groups, config.external_groups, config.generations
+  if config.filter not in FILTERS:
+    raise ValueError(f'--filter={config.filter!r} is unknown: choose one of {", ".join(FILTERS)}')
+  tx, update = grpo_lib.make_grpo(policy, config.grpo)
+  use_ref = config.grpo.kl_coef > 0
+  node_ids = jnp.arange(n)
+
+  def init(key: PRNGKey, params: Stacked) -> SapoState:
+    history = None
+    if config.staleness > 0:
+      d, p, a, t = config.staleness, tasks.PROMPT_LEN, tasks.ANSWER_LEN, config.completion_len
+      history = Pool(jnp.zeros((d, n, i, p), jnp.int32), jnp.zeros((d, n, i, a), jnp.int32),
+                     jnp.zeros((d, n, i), jnp.int32), jnp.zeros((d, n, i, g, t), jnp.int32),
+                     jnp.zeros((d, n, i, g), jnp.float32), jnp.zeros((d, n), bool))
+    return SapoState(round=jnp.zeros((), jnp.int32), key=key,
+                     nodes=NodeState(params, jax.vmap(tx.init)(params)),
+                     bytes_shared=jnp.zeros((n,), jnp.int32), history=history,
+                     ref_params=params if use_ref else None)
+
+  def rollout(params, key, prompts):  # one node: prompts [I, P] -> completions [I, G, T]
+    flat = jnp.repeat(prompts, g, axis=0)  # [I*G, P]
+    out = policy_lib.sample(policy, params, key, flat, config.completion_len, config.temperature)
+    return out.reshape(i, g, config.completion_len)
+
+  def train(params, opt_state, batch, ref_params):
+    return update(params, opt_state, batch, ref_params if use_ref else None)
+
+  def round_(state: SapoState) -> tuple[SapoState, SapoMetrics]:
+    r = state.round
+    params = state.nodes.params
+    if config.churn > 0:
+      online = ~jax.random.bernoulli(rng.round_key(state.key, r, rng.Stream.CHURN), config.churn, (n,))
+    else:
+      online = jnp.ones((n,), bool)
+
+    # 1. questions and rollouts, every node with its own policy and keys
+    qkeys = rng.node_keys(state.key, r, node_ids, rng.Stream.TASK)
+    q = jax.vmap(lambda k: tasks.sample_questions(k, (i,), config.task_mix))(qkeys)  # [N, I, ...]
+    skeys = rng.node_keys(state.key, r, node_ids, rng.Stream.ROLLOUT)
+    completions = map_nodes(rollout, config.node_chunk)(params, skeys, q.prompt)  # [N, I, G, T]
+    rewards = score_groups(completions, q.oracle, q.oracle_len)  # [N, I, G]
+    pool = Pool(q.prompt, q.oracle, q.oracle_len, completions, rewards, online)
+
+    # 2. the pool external groups come from: this round's, or round r - d's
+    history = state.history
+    source = pool
+    if config.staleness > 0:
+      stale = jax.tree.map(lambda h: h[0], history)
+      source = jax.tree.map(lambda old, new: jnp.where(r >= config.staleness, old, new), stale, pool)
+      history = jax.tree.map(lambda h, x: jnp.concatenate([h[1:], x[None]]), history, pool)
+
+    # 3. each node draws J groups of others and re-scores them with its verifier
+    if j > 0:
+      idx, valid = select_external(rng.round_key(state.key, r, rng.Stream.SAMPLE), source.rewards,
+                                   source.online, j, config.filter)  # [N, J]
+      flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
+      ext_completions = flat(source.completions)
+      ext_rewards = score_groups(ext_completions, flat(source.oracle), flat(source.oracle_len))
+      batch = grpo_lib.Batch(
+          prompts=jnp.concatenate([q.prompt, flat(source.prompt)], 1),  # [N, I+J, P]
+          completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
+          rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [N, I+J, G]
+          weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [N, I+J]
+    else:
+      valid = jnp.zeros((n, 0), bool)
+      batch = grpo_lib.Batch(q.prompt, completions, rewards, jnp.ones((n, i)))
+
+    # 4. one GRPO update per online node, vmapped (re-encoding happens inside)
+    ref = state.ref_params if use_ref else node_ids  # node_ids: a placeholder with a node axis
+    new_params, new_opt, stats = map_nodes(train, config.node_chunk)(
+        params, state.nodes.opt_state, batch, ref)
+    keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+    nodes = NodeState(jax.tree.map(keep, new_params, params),
+                      jax.tree.map(keep, new_opt, state.nodes.opt_state))
+
+    sent = jnp.where(online, shared_bytes(q.prompt, completions), 0)  # [N]
+    onf = online.astype(jnp.float32)
+    active = jnp.maximum(onf.sum(), 1.0)
+    node_reward = rewards.mean((1, 2))
+    trained = batch.weight * onf[:, None]  # [N, I+J]
+    metrics = SapoMetrics(
+        reward=(node_reward * onf).sum() / active,
+        node_reward=node_reward,
+        exact=((rewards >= 1.0).mean((1, 2)) * onf).sum() / active,
+        loss=(stats.loss * onf).sum() / active,
+        external_groups=(valid.sum(-1) * onf).sum() / active,
+        signal_fraction=(grpo_lib.nonzero_advantage(batch.rewards) * trained).sum()
+        / jnp.maximum(trained.sum(), 1.0),
+        bytes_shared=sent.sum(),
+        active_nodes=online.sum().astype(jnp.int32))
+    new_state = state.replace(round=r + 1, nodes=nodes, bytes_shared=state.bytes_shared + sent,
+                              history=history)
+    return new_state, metrics
+
+  return Sapo(init, round_)

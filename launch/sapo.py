@@ -1,0 +1,98 @@
+r"""Runs SAPO swarm RL post-training: ``python -m launch.sapo``.
+
+Examples:
+  python -m launch.sapo --nodes=8 --local_groups=4 --external_groups=4 --out=runs/sapo44
+  python -m launch.sapo --nodes=8 --local_groups=8 --external_groups=0 --out=runs/sapo80
+  python -m launch.sapo --study --nodes=256 --seeds=3 --out=runs/sapo_study_n256
+
+Every run flag is a field of ``decsim.rl.experiment.SapoRunConfig``. ``--study``
+runs the four I/J configurations 8/0, 6/2, 4/4, 2/6 over ``--seeds`` seeds with
+the other flags (as ``launch/reproduce.py --study=sapo`` does at N=8). A bad
+value exits with status 2 and one line naming the flag and the fix.
+"""
+
+import dataclasses
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+from decsim.experiment import ConfigError
+from decsim.rl import experiment
+from decsim.rl.experiment import SapoRunConfig
+from decsim.simulate import SimulationDiverged
+
+_D = SapoRunConfig()
+
+flags.DEFINE_integer('nodes', _D.nodes, 'Number of nodes N (policies).')
+flags.DEFINE_integer('local_groups', _D.local_groups, 'I: own questions per node per round.')
+flags.DEFINE_integer('external_groups', _D.external_groups, 'J: groups drawn from other nodes.')
+flags.DEFINE_integer('generations', _D.generations, 'G: completions per question.')
+flags.DEFINE_integer('rounds', _D.rounds, 'Rounds (a multiple of --log_every).')
+flags.DEFINE_string('filter', _D.filter, 'How external groups are drawn: nonzero_advantage, '
+                    'uniform, top_k or first_k.')
+flags.DEFINE_string('task_mix', _D.task_mix, 'Task kinds and weights, e.g. add,chain or '
+                    'add:2,bits:1; kinds: add, chain, bits, rev, mod.')
+flags.DEFINE_integer('seed', _D.seed, 'Seed of base models, questions, rollouts and draws.')
+flags.DEFINE_integer('completion_len', _D.completion_len, 'T: tokens per completion (answer + EOS).')
+flags.DEFINE_float('temperature', _D.temperature, 'Sampling temperature (0: greedy).')
+flags.DEFINE_float('lr', _D.lr, 'Adam learning rate of GRPO.')
+flags.DEFINE_integer('iterations', _D.iterations, 'GRPO steps per round on the same batch.')
+flags.DEFINE_float('kl_coef', _D.kl_coef, 'Reference-KL coefficient (0: none, as in SAPO).')
+flags.DEFINE_float('churn', _D.churn, 'Probability a node is offline in a round (no share, no train).')
+flags.DEFINE_integer('staleness', _D.staleness, 'd: external groups come from round r - d.')
+flags.DEFINE_integer('dim', _D.dim, 'Policy width (4 heads).')
+flags.DEFINE_integer('layers', _D.layers, 'Policy transformer layers.')
+flags.DEFINE_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm-up steps.')
+flags.DEFINE_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
+flags.DEFINE_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
+                     'shown in warm-up (0: all).')
+flags.DEFINE_integer('log_every', _D.log_every, 'Rounds per jit-compiled chunk between log lines.')
+flags.DEFINE_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk (0: one vmap).')
+flags.DEFINE_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.')
+flags.DEFINE_integer('seeds', 3, '--study: seeds per configuration.')
+flags.DEFINE_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).')
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> SapoRunConfig:
+  return SapoRunConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SapoRunConfig)})
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
+  logging.set_verbosity(logging.ERROR)
+  config = config_from_flags()
+  try:
+    if FLAGS.study:
+      from decsim.studies import sapo as sapo_study
+      if FLAGS.seeds < 1:
+        raise ConfigError(f'--seeds={FLAGS.seeds} must be >= 1')
+      sapo_study.run_study(pathlib.Path(FLAGS.out).absolute(), config,
+                           seeds=tuple(range(config.seed, config.seed + FLAGS.seeds)))
+      return
+    summary = experiment.run(config, out_dir=pathlib.Path(FLAGS.out).absolute())
+  except (ConfigError, SimulationDiverged) as e:
+    fail(str(e))
+  print('\nresults')
+  for key, value in summary.items():
+    print(f'  {key:<28} {f"{value:.4g}" if isinstance(value, float) else value}')
+  print(f'  {"out":<28} {FLAGS.out}')
+
+
+def fail(message: str) -> None:
+  print(f'decsim: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{e}; see python -m launch.sapo --helpfull')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
