@@ -12,10 +12,11 @@ value exits with status 2 and one line naming the flag and the fix.
 """
 
 import dataclasses
+import functools
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from decsim.experiment import ConfigError
 from decsim.rl import experiment
@@ -23,37 +24,41 @@ from decsim.rl.experiment import SapoRunConfig
 from decsim.simulate import SimulationDiverged
 
 _D = SapoRunConfig()
+# Own FlagValues, so that this launcher can be imported beside launch/simulate.py.
+FLAGS = flags.FlagValues()
+define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
+define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
 
-flags.DEFINE_integer('nodes', _D.nodes, 'Number of nodes N (policies).')
-flags.DEFINE_integer('local_groups', _D.local_groups, 'I: own questions per node per round.')
-flags.DEFINE_integer('external_groups', _D.external_groups, 'J: groups drawn from other nodes.')
-flags.DEFINE_integer('generations', _D.generations, 'G: completions per question.')
-flags.DEFINE_integer('rounds', _D.rounds, 'Rounds (a multiple of --log_every).')
-flags.DEFINE_string('filter', _D.filter, 'How external groups are drawn: nonzero_advantage, '
+define_integer('nodes', _D.nodes, 'Number of nodes N (policies).')
+define_integer('local_groups', _D.local_groups, 'I: own questions per node per round.')
+define_integer('external_groups', _D.external_groups, 'J: groups drawn from other nodes.')
+define_integer('generations', _D.generations, 'G: completions per question.')
+define_integer('rounds', _D.rounds, 'Rounds (a multiple of --log_every).')
+define_string('filter', _D.filter, 'How external groups are drawn: nonzero_advantage, '
                     'uniform, top_k or first_k.')
-flags.DEFINE_string('task_mix', _D.task_mix, 'Task kinds and weights, e.g. add,chain or '
+define_string('task_mix', _D.task_mix, 'Task kinds and weights, e.g. add,chain or '
                     'add:2,bits:1; kinds: add, chain, bits, rev, mod.')
-flags.DEFINE_integer('seed', _D.seed, 'Seed of base models, questions, rollouts and draws.')
-flags.DEFINE_integer('completion_len', _D.completion_len, 'T: tokens per completion (answer + EOS).')
-flags.DEFINE_float('temperature', _D.temperature, 'Sampling temperature (0: greedy).')
-flags.DEFINE_float('lr', _D.lr, 'Adam learning rate of GRPO.')
-flags.DEFINE_integer('iterations', _D.iterations, 'GRPO steps per round on the same batch.')
-flags.DEFINE_float('kl_coef', _D.kl_coef, 'Reference-KL coefficient (0: none, as in SAPO).')
-flags.DEFINE_float('churn', _D.churn, 'Probability a node is offline in a round (no share, no train).')
-flags.DEFINE_integer('staleness', _D.staleness, 'd: external groups come from round r - d.')
-flags.DEFINE_integer('dim', _D.dim, 'Policy width (4 heads).')
-flags.DEFINE_integer('layers', _D.layers, 'Policy transformer layers.')
-flags.DEFINE_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm-up steps.')
-flags.DEFINE_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
-flags.DEFINE_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
+define_integer('seed', _D.seed, 'Seed of base models, questions, rollouts and draws.')
+define_integer('completion_len', _D.completion_len, 'T: tokens per completion (answer + EOS).')
+define_float('temperature', _D.temperature, 'Sampling temperature (0: greedy).')
+define_float('lr', _D.lr, 'Adam learning rate of GRPO.')
+define_integer('iterations', _D.iterations, 'GRPO steps per round on the same batch.')
+define_float('kl_coef', _D.kl_coef, 'Reference-KL coefficient (0: none, as in SAPO).')
+define_float('churn', _D.churn, 'Probability a node is offline in a round (no share, no train).')
+define_integer('staleness', _D.staleness, 'd: external groups come from round r - d.')
+define_integer('dim', _D.dim, 'Policy width (4 heads).')
+define_integer('layers', _D.layers, 'Policy transformer layers.')
+define_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm-up steps.')
+define_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
+define_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
                      'shown in warm-up (0: all).')
-flags.DEFINE_integer('log_every', _D.log_every, 'Rounds per jit-compiled chunk between log lines.')
-flags.DEFINE_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk (0: one vmap).')
-flags.DEFINE_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.')
-flags.DEFINE_integer('seeds', 3, '--study: seeds per configuration.')
-flags.DEFINE_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).')
-
-FLAGS = flags.FLAGS
+define_integer('log_every', _D.log_every, 'Rounds per jit-compiled chunk between log lines.')
+define_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk (0: one vmap).')
+define_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.')
+define_integer('seeds', 3, '--study: seeds per configuration.')
+define_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).')
 
 
 def config_from_flags() -> SapoRunConfig:
@@ -94,5 +99,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'{e}; see python -m launch.sapo --helpfull')
 
 
+def run_main(argv: list[str]) -> None:
+  main(parse_flags(argv))
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run_main(sys.argv)
