@@ -34,7 +34,8 @@ from decsim.topology import build_topology
 
 flags.DEFINE_list('models', ['logistic', 'mlp', 'lenet'], 'Models to time.')
 flags.DEFINE_list('nodes', ['100', '1000', '4000', '10000'], 'Node counts N.')
-flags.DEFINE_list('protocols', ['dpsgd', 'fedavg'], 'dpsgd and/or fedavg (s=10 clients).')
+flags.DEFINE_list('protocols', ['dpsgd', 'fedavg'], 'dpsgd, fedavg (s=10 clients) and/or '
+                  'modest (s=10, a=1; no loop baseline).')
 flags.DEFINE_list('modes', ['vmap', 'loop_jax', 'loop_torch'],
                   'vmap (decsim), loop_jax, loop_torch (skipped when torch is missing).')
 flags.DEFINE_bool('loop', True, 'Time the loop baselines of --modes (--noloop: vmap only).')
@@ -54,7 +55,7 @@ FLAGS = flags.FLAGS
 # Peak memory of a D-PSGD round in multiples of the node state (params + optimiser
 # state): the donated state, the trained copy, the mixed copy and the gradients.
 # FedAvg touches s rows and keeps the N node rows once.
-STATE_COPIES = {'dpsgd': 4.0, 'fedavg': 1.2}
+STATE_COPIES = {'dpsgd': 4.0, 'fedavg': 1.2, 'modest': 1.2}
 
 
 def _record(protocol, model, nodes, mode, seconds, trained, **extra):
@@ -195,7 +196,8 @@ def run_suite(models, nodes_list, protocols, modes, node_chunks, log=print) -> l
           continue
         baselines = {}
         for mode in modes:
-          if mode == 'vmap' or nodes > FLAGS.loop_max_nodes or not FLAGS.loop:
+          if (mode == 'vmap' or nodes > FLAGS.loop_max_nodes or not FLAGS.loop
+              or protocol_name == 'modest'):
             continue
           if mode == 'loop_torch' and (not has_torch or model not in ('logistic', 'mlp', 'lenet')):
             continue
