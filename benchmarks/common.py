@@ -5,7 +5,6 @@ and needs no download.
 """
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -50,17 +49,6 @@ def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps:
                   part.sizes)
   learner, _ = experiment.make_learner(config, dataset)
   return config, learner, data
-
-
-def timed(fn, *args, repeats: int = 3) -> float:
-  """Median wall seconds of ``fn(*args)`` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def machine() -> dict:

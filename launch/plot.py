@@ -11,6 +11,8 @@ import sys
 
 from absl import flags
 
+from launch import cli
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('out', 'plot', 'Output path without suffix; writes OUT.png and OUT.svg.',
                     flag_values=FLAGS)
@@ -38,8 +40,7 @@ def main(argv: list[str]) -> None:
 
 
 def fail(message: str) -> None:
-  print(f'decsim plot: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  cli.fail(message, 'decsim plot')
 
 
 if __name__ == '__main__':

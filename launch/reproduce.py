@@ -5,11 +5,11 @@ stdout and a PNG plot; each run's own files go into ``DIR/<label>/``.
 """
 
 import pathlib
-import sys
 
 from absl import app, flags
 
 from decsim import studies
+from launch import cli
 
 flags.DEFINE_string('study', None, 'Which study to run (see decsim/studies/__init__.py).')
 flags.DEFINE_string('out', None, 'Output directory of the study.')
@@ -29,8 +29,7 @@ def main(argv) -> None:
 
 
 def fail(message: str) -> None:
-  print(f'reproduce: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  cli.fail(message, 'reproduce')
 
 
 if __name__ == '__main__':

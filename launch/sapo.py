@@ -22,6 +22,7 @@ from decsim.experiment import ConfigError
 from decsim.rl import experiment
 from decsim.rl.experiment import SapoRunConfig
 from decsim.simulate import SimulationDiverged
+from launch.cli import fail, flags_parser, print_table
 
 _D = SapoRunConfig()
 # Own FlagValues, so that this launcher can be imported beside launch/simulate.py.
@@ -81,22 +82,10 @@ def main(argv) -> None:
     summary = experiment.run(config, out_dir=pathlib.Path(FLAGS.out).absolute())
   except (ConfigError, SimulationDiverged) as e:
     fail(str(e))
-  print('\nresults')
-  for key, value in summary.items():
-    print(f'  {key:<28} {f"{value:.4g}" if isinstance(value, float) else value}')
-  print(f'  {"out":<28} {FLAGS.out}')
+  print_table(summary, FLAGS.out, width=28)
 
 
-def fail(message: str) -> None:
-  print(f'decsim: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(f'{e}; see python -m launch.sapo --helpfull')
+parse_flags = flags_parser(FLAGS, 'python -m launch.sapo')
 
 
 def run_main(argv: list[str]) -> None:

@@ -22,6 +22,7 @@ from decsim.experiment import ExperimentConfig
 from decsim.network import NetworkError
 from decsim.simulate import SimulationDiverged
 from decsim.topology import TopologyError
+from launch.cli import fail, flags_parser, print_table
 
 _D = ExperimentConfig()
 
@@ -143,13 +144,6 @@ def config_from_flags() -> ExperimentConfig:
                              for f in dataclasses.fields(ExperimentConfig)})
 
 
-def print_table(summary: dict) -> None:
-  print('\nresults')
-  for key, value in summary.items():
-    shown = f'{value:.4g}' if isinstance(value, float) else value
-    print(f'  {key:<22} {shown}')
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
@@ -167,21 +161,10 @@ def main(argv) -> None:
     summary = experiment.run(config, out_dir=out)
   except USER_ERRORS as e:
     fail(str(e))
-  print_table(summary)
-  print(f'  {"out":<22} {out}')
+  print_table(summary, out)
 
 
-def fail(message: str) -> None:
-  print(f'decsim: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with flag errors as one line instead of absl's two-line FATAL."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(f'{e}; see decsim --helpfull')
+parse_flags = flags_parser(FLAGS, 'decsim')
 
 
 def run_main() -> None:
