@@ -179,6 +179,11 @@ def lowest_median_latency_node(network: Network) -> int:
   return int(np.argmin(np.median(to_all, axis=1)))
 
 
+def model_messages(count: jax.Array) -> jax.Array:
+  """A round's per-kind message counts ``[K]`` when it sends only ``count`` models."""
+  return jnp.zeros((len(KINDS),), jnp.int32).at[MODEL].set(count)
+
+
 def message_bytes(model_bytes: int, nodes: int) -> tuple[int, int, int]:
   """Bytes of one message of each kind in ``KINDS``."""
   return (model_bytes, VIEW_BYTES_PER_NODE * nodes, PING_BYTES)

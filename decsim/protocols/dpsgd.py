@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from decsim import mixing
 from decsim.data.sampler import NodeData
-from decsim.network import MODEL, Network, uniform_network
+from decsim.network import MODEL, Network, model_messages, uniform_network
 from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
 from decsim.rng import Stream, node_keys
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
@@ -68,7 +68,7 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
     metrics = RoundMetrics(
         train_loss=jnp.sum(jnp.where(alive, result.loss, 0.0)) / jnp.maximum(n_alive, 1),
         sim_seconds=seconds,
-        messages=jnp.zeros((3,), jnp.int32).at[MODEL].set(round_sent),
+        messages=model_messages(round_sent),
         active_nodes=n_alive,
         node_steps=jnp.sum(steps))
     return state, metrics

@@ -25,7 +25,7 @@ from flax import struct
 
 from decsim import mixing
 from decsim.data.sampler import NodeData
-from decsim.network import MODEL, Network, uniform_network
+from decsim.network import MODEL, Network, model_messages, uniform_network
 from decsim.protocols.base import (Learner, Protocol, broadcast, sample_available, train_nodes,
                                    weighted_average)
 from decsim.rng import Stream, node_keys, round_key
@@ -106,7 +106,7 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     metrics = RoundMetrics(
         train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
         sim_seconds=seconds,
-        messages=jnp.zeros((3,), jnp.int32).at[MODEL].set(2 * n_valid),
+        messages=model_messages(2 * n_valid),
         active_nodes=n_valid,
         node_steps=jnp.sum(steps))
     return state, metrics

@@ -70,7 +70,7 @@ from flax import struct
 
 from decsim import mixing
 from decsim.data.sampler import NodeData
-from decsim.network import MODEL
+from decsim.network import MODEL, model_messages
 from decsim.protocols.base import (Learner, Protocol, init_params, node_average, sample_available,
                                    train_nodes)
 from decsim.rng import Stream, node_keys, round_key
@@ -353,7 +353,7 @@ def gossip(learner: Learner, *, nodes: int, topology: Topology | None = None,
     metrics = RoundMetrics(
         train_loss=jnp.sum(jnp.where(row_ok, result.loss, 0.0)) / jnp.maximum(n_act, 1),
         sim_seconds=jnp.float32(tick_seconds),
-        messages=jnp.zeros((3,), jnp.int32).at[MODEL].set(round_sent),
+        messages=model_messages(round_sent),
         active_nodes=n_act,
         node_steps=jnp.sum(steps))
     return state, metrics
