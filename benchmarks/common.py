@@ -32,7 +32,7 @@ MAX_SAMPLES = 60_000  # MNIST's train set: the data stays the same size above ~9
 def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps: int = 1,
              batch_size: int = 32, node_chunk: int = -1, protocol: str = 'dpsgd',
              sample_size: int = 10, degree: int = 4, param_dtype: str = 'float32',
-             mixing: str = 'auto'):
+             mixing: str = 'auto', views: str = 'global'):
   """(config, learner, data) for ``model`` at ``nodes`` nodes on random data.
 
   ``min(nodes * samples_per_node, MAX_SAMPLES)`` samples, split IID; a node with
@@ -42,7 +42,7 @@ def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps:
       protocol=protocol, model=model, nodes=nodes, local_steps=local_steps,
       batch_size=batch_size, node_chunk=node_chunk, topology='kregular', degree=degree,
       sample_size=min(sample_size, nodes), momentum=0.0, param_dtype=param_dtype,
-      mixing=mixing)
+      mixing=mixing, views=views)
   dataset = random_dataset(INPUT_SHAPES[model], min(nodes * samples_per_node, MAX_SAMPLES))
   part = partition_lib.make_partition('iid', dataset.y_train, nodes, seed=0)
   data = NodeData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), part.idx,

@@ -35,7 +35,7 @@ from decsim.topology import build_topology
 flags.DEFINE_list('models', ['logistic', 'mlp', 'lenet'], 'Models to time.')
 flags.DEFINE_list('nodes', ['100', '1000', '4000', '10000'], 'Node counts N.')
 flags.DEFINE_list('protocols', ['dpsgd', 'fedavg'], 'dpsgd, fedavg (s=10 clients) and/or '
-                  'modest (s=10, a=1; no loop baseline).')
+                  'modest (s=10, a=1; no loop baseline; modest_local: per-node views).')
 flags.DEFINE_list('modes', ['vmap', 'loop_jax', 'loop_torch'],
                   'vmap (decsim), loop_jax, loop_torch (skipped when torch is missing).')
 flags.DEFINE_bool('loop', True, 'Time the loop baselines of --modes (--noloop: vmap only).')
@@ -55,7 +55,14 @@ FLAGS = flags.FLAGS
 # Peak memory of a D-PSGD round in multiples of the node state (params + optimiser
 # state): the donated state, the trained copy, the mixed copy and the gradients.
 # FedAvg touches s rows and keeps the N node rows once.
-STATE_COPIES = {'dpsgd': 4.0, 'fedavg': 1.2, 'modest': 1.2}
+STATE_COPIES = {'dpsgd': 4.0, 'fedavg': 1.2, 'modest': 1.2, 'modest_local': 1.2}
+
+
+def _protocol(name: str) -> dict:
+  """workload() arguments of a benchmarked protocol name."""
+  if name == 'modest_local':
+    return {'protocol': 'modest', 'views': 'local'}
+  return {'protocol': name}
 
 
 def _record(protocol, model, nodes, mode, seconds, trained, **extra):
@@ -66,11 +73,13 @@ def _record(protocol, model, nodes, mode, seconds, trained, **extra):
 
 def estimate_bytes(protocol_name, model, nodes) -> tuple[int, int]:
   """(estimated peak bytes, node-state bytes per node) from shapes only."""
-  config, learner, data = common.workload(model, 8, protocol=protocol_name,
-                                          param_dtype=FLAGS.param_dtype)
+  config, learner, data = common.workload(model, 8, param_dtype=FLAGS.param_dtype,
+                                          **_protocol(protocol_name))
   protocol = experiment.make_protocol(config, learner)
   shapes = jax.eval_shape(protocol.init, jax.random.key(0), data)
   per_node = sharding.bytes_per_node(shapes.nodes)
+  if protocol_name == 'modest_local':  # three [N, N] int32 view matrices
+    per_node += 12 * nodes
   samples = min(nodes * 64, common.MAX_SAMPLES)
   data_bytes = samples * int(np.prod(common.INPUT_SHAPES[model])) * 4
   return int(STATE_COPIES[protocol_name] * per_node * nodes + data_bytes), per_node
@@ -78,8 +87,8 @@ def estimate_bytes(protocol_name, model, nodes) -> tuple[int, int]:
 
 def time_vmap(protocol_name, model, nodes, node_chunk):
   config, learner, data = common.workload(model, nodes, node_chunk=node_chunk,
-                                          protocol=protocol_name, local_steps=FLAGS.local_steps,
-                                          param_dtype=FLAGS.param_dtype)
+                                          local_steps=FLAGS.local_steps,
+                                          param_dtype=FLAGS.param_dtype, **_protocol(protocol_name))
   protocol = experiment.make_protocol(config, learner)
   state = jax.jit(protocol.init)(jax.random.key(0), data)
   t = time.perf_counter()
@@ -197,7 +206,7 @@ def run_suite(models, nodes_list, protocols, modes, node_chunks, log=print) -> l
         baselines = {}
         for mode in modes:
           if (mode == 'vmap' or nodes > FLAGS.loop_max_nodes or not FLAGS.loop
-              or protocol_name == 'modest'):
+              or protocol_name.startswith('modest')):
             continue
           if mode == 'loop_torch' and (not has_torch or model not in ('logistic', 'mlp', 'lenet')):
             continue

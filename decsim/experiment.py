@@ -28,12 +28,13 @@ from decsim.protocols.base import Learner, Protocol
 from decsim.protocols.dpsgd import dpsgd
 from decsim.protocols.fedavg import WEIGHTINGS, fedavg
 from decsim.protocols import gossip as gossip_lib
-from decsim.protocols.modest import modest
+from decsim.protocols.modest import VIEWS, modest
 from decsim import mixing
 from decsim import topology as topology_lib
 
 PROTOCOLS = ('fedavg', 'dpsgd', 'gossip', 'modest')
 DECENTRALIZED = ('dpsgd', 'gossip')
+MAX_LOCAL_VIEW_NODES = 10_000  # MoDeST --views=local: three [N, N] int32 matrices
 VARIANCE_CORRECTIONS = ('none', *mixing.VC_TARGETS)
 TOPOLOGIES = (*topology_lib.TOPOLOGIES, 'one_peer_exponential')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
@@ -88,6 +89,7 @@ class ExperimentConfig(network_lib.NetworkConfig, churn_lib.ChurnConfig):
   aggregators: int = 1
   ping_timeout: float = 2.0
   inactivity_threshold: int = 20
+  views: str = 'global'
   # Gossip learning (issue 4); one tick of --tick_seconds per round.
   gossip_delta: int = 10
   gossip_wake: str = 'uniform'
@@ -145,6 +147,10 @@ def validate(c: ExperimentConfig) -> None:
     _check(c.ping_timeout >= 0, f'--ping_timeout={c.ping_timeout} must be >= 0 seconds')
     _check(c.inactivity_threshold >= 1,
            f'--inactivity_threshold={c.inactivity_threshold} must be at least 1 round')
+    _choice('views', c.views, VIEWS)
+    _check(c.views != 'local' or c.nodes <= MAX_LOCAL_VIEW_NODES,
+           f'--views=local keeps an [N, N] view matrix ({12 * c.nodes ** 2 / 2 ** 30:.1f} GiB at '
+           f'--nodes={c.nodes}); use --views=global or at most {MAX_LOCAL_VIEW_NODES} nodes')
     _check(c.init == 'shared', '--init=independent has no meaning for --protocol=modest (one '
            'model travels between samples); drop --init')
   if c.protocol == 'fedavg':
@@ -288,7 +294,8 @@ def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
     protocol = modest(learner, nodes=c.nodes, sample_size=c.sample_size,
                       aggregators=c.aggregators, success_fraction=c.success_fraction,
                       ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
-                      network=network, availability=availability, variance_correction=vc)
+                      views=c.views, network=network, availability=availability,
+                      variance_correction=vc)
   elif c.protocol == 'gossip':
     graph = None
     if c.gossip_peers != 'random':

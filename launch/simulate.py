@@ -69,6 +69,8 @@ flags.DEFINE_float('ping_timeout', _D.ping_timeout, 'MoDeST: simulated seconds a
                    'crashed candidate costs.')
 flags.DEFINE_integer('inactivity_threshold', _D.inactivity_threshold, 'MoDeST: rounds without '
                      'activity after which a node leaves the samples.')
+flags.DEFINE_enum('views', _D.views, ['global', 'local'], 'MoDeST: one global view (fast) or '
+                  "every node's own view, an [N, N] matrix merged on every transfer.")
 # Simulated network
 flags.DEFINE_integer('sites', _D.sites, 'Sites on the globe; node i sits on site i mod S.')
 flags.DEFINE_string('latency_file', _D.latency_file, 'CSV S x S one-way latencies in ms '

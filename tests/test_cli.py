@@ -36,6 +36,7 @@ BAD_FLAGS = [
 BAD_INPUTS = BAD_FLAGS + [
     (['--protocol=modest', '--aggregators=0'], '--aggregators'),
     (['--protocol=modest', '--sample_size=0'], '--sample_size'),
+    (['--protocol=modest', '--views=local', '--nodes=20000', '--sample_size=10'], '--views=local'),
     (['--success_fraction=1.5'], '--success_fraction'),
     (['--latency_file={tmp}/missing.csv'], 'cannot be read'),
     (['--latency_file={tmp}/lat_ragged.csv'], 'square'),

@@ -12,6 +12,7 @@ import pytest
 from decsim import churn, experiment, network
 from decsim.network import MODEL, PING, VIEW
 from decsim.protocols.fedavg import fedavg
+from decsim.protocols import modest as modest_lib
 from decsim.protocols.modest import hash_ranking, modest
 
 
@@ -115,15 +116,16 @@ def test_crashed_candidates_cost_a_ping_timeout_and_leave_the_view(setup):
   assert np.all(np.isfinite(seconds))
 
 
-def test_modest_keeps_learning_when_most_nodes_crash(setup):
+@pytest.mark.parametrize('views', ['global', 'local'])
+def test_modest_keeps_learning_when_most_nodes_crash(setup, views):
   learner, data = setup
   config = churn.ChurnConfig(crash_start_seconds=1.0, crash_every_seconds=1.0, crash_batch=3,
                              crash_fraction=0.75)
   avail = churn.make_availability(config, 12, seed=0)
   protocol = churn.with_churn(
       modest(learner, nodes=12, sample_size=4, success_fraction=0.5, ping_timeout=0.5,
-             inactivity_threshold=5, network=network.uniform_network(12, latency=0.01),
-             availability=avail), avail)
+             inactivity_threshold=5, views=views,
+             network=network.uniform_network(12, latency=0.01), availability=avail), avail)
   state = protocol.init(jax.random.key(0), data)
   chunk = jax.jit(lambda s: jax.lax.scan(lambda st, _: protocol.round(st, data), s, None,
                                          length=40))
@@ -150,3 +152,114 @@ def test_variance_correction_at_the_aggregator(setup):
   np.testing.assert_allclose(jnp.var(kernel(corrected.model(s_vc))), target, rtol=1e-4)
   np.testing.assert_allclose(jnp.mean(kernel(corrected.model(s_vc))),
                              jnp.mean(kernel(plain.model(s_plain))), atol=1e-6)
+
+
+def _scan(protocol, data, rounds, state=None):
+  state = protocol.init(jax.random.key(0), data) if state is None else state
+  return jax.jit(lambda st: jax.lax.scan(lambda x, _: protocol.round(x, data), st, None,
+                                         length=rounds))(state)
+
+
+def test_local_views_agree_with_the_global_view_without_churn(setup):
+  """Per-node views, merged on every transfer plus heartbeats, keep every healthy node
+  active even with a 2-round inactivity threshold (4 of 12 nodes sampled per round),
+  so samples, aggregators, models, clock and model/view messages equal the global
+  view's; only the heartbeats differ: (N - s) * a minus the aggregators outside the
+  sample, per round."""
+  learner, data = setup
+  n, s, a, rounds = 12, 4, 2, 15
+  net = network.make_network(network.NetworkConfig(sites=4), n, seed=0)
+  build = lambda views: modest(learner, nodes=n, sample_size=s, aggregators=a,
+                               inactivity_threshold=2, views=views, network=net)
+  (g_state, g_m), (l_state, l_m) = (_scan(build(v), data, rounds) for v in ('global', 'local'))
+  for x, y in zip(jax.tree.leaves(build('global').model(g_state)),
+                  jax.tree.leaves(build('local').model(l_state))):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(g_state.extra.agg_ids, l_state.extra.agg_ids)
+  np.testing.assert_array_equal(g_m.sim_seconds, l_m.sim_seconds)
+  np.testing.assert_array_equal(g_m.messages[:, :PING], l_m.messages[:, :PING])
+  all_active = jnp.ones((n,), bool)
+  samples = [set(np.asarray(hash_ranking(jax.random.key(0), r, all_active, s)[0]).tolist())
+             for r in range(rounds + 1)]
+  outside = [len(samples[r + 1] - samples[r]) for r in range(rounds)]  # aggregators not in S_r
+  beats = np.asarray(l_m.messages[:, PING] - g_m.messages[:, PING])
+  # aggregators (first a of S_{r+1}, no churn) that are not participants send a - 1 beats
+  first_a = [set(np.asarray(hash_ranking(jax.random.key(0), r + 1, all_active, a)[0]).tolist())
+             for r in range(rounds)]
+  expected = [(n - s) * a - len(first_a[r] - samples[r]) for r in range(rounds)]
+  np.testing.assert_array_equal(beats, expected)
+  assert max(outside) > 0  # the aggregator term was exercised
+  views = l_state.extra.views
+  assert views.seen.shape == (n, n)
+  leader = l_state.extra.agg_ids[0]
+  assert bool(jnp.all(modest_lib.active_in(views, leader, rounds, 2)))
+
+
+def test_local_views_drop_a_crashed_node_and_its_view_freezes(setup):
+  """Node 3 crashes: participants that ping it mark it down in their own views, the
+  mark reaches the aggregators with their models, and without such a ping the
+  missing heartbeats age it out after the threshold. Its own row no longer changes."""
+  learner, data = setup
+  n, s, thr = 12, 4, 3
+  protocol = modest(learner, nodes=n, sample_size=s, inactivity_threshold=thr, ping_timeout=5.0,
+                    views='local', network=network.uniform_network(n, latency=0.01))
+  state, _ = _scan(protocol, data, 2)
+  state = state.replace(available=jnp.ones((n,), bool).at[3].set(False))
+  frozen = jax.tree.map(lambda f: f[3], state.extra.views)
+  state, m = _scan(protocol, data, 12, state)
+  for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(jax.tree.map(lambda f: f[3],
+                                                                        state.extra.views))):
+    np.testing.assert_array_equal(x, y)
+  leader = state.extra.agg_ids[jnp.argmin(state.extra.agg_done)]
+  active = modest_lib.active_in(state.extra.views, leader, state.round, thr)
+  assert not bool(active[3]) and int(active.sum()) == n - 1
+  tail = slice(thr + 2, None)
+  assert np.all(np.asarray(m.active_nodes[tail]) == s)  # node 3 no longer sampled
+  assert np.all(np.asarray(m.sim_seconds[tail]) < 5.0)  # nor probed
+
+
+@pytest.mark.parametrize('views', ['global', 'local'])
+def test_joined_nodes_enter_the_samples(setup, views):
+  """4 of 12 nodes start offline and join one per simulated second: none takes part
+  before it joins; all four train afterwards (their heartbeats or, in the global
+  view, the membership record announce them)."""
+  learner, data = setup
+  avail = churn.make_availability(
+      churn.ChurnConfig(join_nodes=4, join_start_seconds=1.0, join_every_seconds=1.0), 12, seed=0)
+  protocol = churn.with_churn(
+      modest(learner, nodes=12, sample_size=4, views=views,
+             network=network.uniform_network(12, latency=0.01), availability=avail), avail)
+  joiners = np.flatnonzero(~np.asarray(avail(jax.random.key(0), 0, jnp.float32(0)).member))
+  assert len(joiners) == 4
+  state, _ = _scan(protocol, data, 3)
+  assert float(state.clock) < 1.0 and np.all(np.asarray(state.sent)[joiners] == 0)
+  state, _ = _scan(protocol, data, 150, state)
+  assert float(state.clock) > 6.0
+  assert np.all(np.asarray(state.sent)[joiners, MODEL] > 0)
+
+
+def test_a_participant_whose_view_disagrees_loses_its_model(setup):
+  """Local views: one participant believes the next sample's first node is down, so
+  it sends its model to another node. The round's aggregator (chosen by the first
+  live participant) averages the other three, waits one ping timeout for the
+  missing model (sf = 1), and the stray upload is still counted."""
+  learner, data = setup
+  n, s, timeout = 12, 4, 3.0
+  protocol = modest(learner, nodes=n, sample_size=s, ping_timeout=timeout, views='local',
+                    network=network.uniform_network(n, latency=0.01))
+  state, _ = jax.jit(protocol.round)(protocol.init(jax.random.key(0), data), data)
+  r, everyone = int(state.round), jnp.ones((n,), bool)
+  sample = np.asarray(hash_ranking(jax.random.key(0), r, everyone, s)[0])
+  first_candidate = int(hash_ranking(jax.random.key(0), r + 1, everyone, 1)[0][0])
+  stray = next(int(p) for p in sample[1:] if p != first_candidate)
+  views = state.extra.views
+  state = state.replace(extra=state.extra.replace(
+      views=views.replace(down=views.down.at[stray, first_candidate].set(r + 100))))
+  state, m = jax.jit(protocol.round)(state, data)
+  assert int(state.extra.agg_ids[0]) == first_candidate
+  kept = [int(p) for p in sample if p != stray]
+  expected = jax.tree.map(lambda p: p[jnp.asarray(kept)].mean(0), state.nodes.params)
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(protocol.model(state))):
+    np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
+  assert float(m.sim_seconds) >= timeout
+  assert int(m.messages[MODEL]) == s + s  # every upload counted, plus the s downloads

@@ -43,7 +43,7 @@ def test_sharded_round_matches_one_device_on_8_fake_devices():
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
   assert {r['case'] for r in results} == {'fedavg', 'dpsgd_dense', 'dpsgd_sparse',
-                                          'dpsgd_onepeer', 'modest', 'gossip'}
+                                          'dpsgd_onepeer', 'modest', 'modest_local', 'gossip'}
   for r in results:
     assert r['devices'] == 8
     # The state really is split: 16 nodes, 2 rows on each of the 8 devices.

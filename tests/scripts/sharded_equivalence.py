@@ -22,6 +22,7 @@ CASES = {
     'dpsgd_sparse': dict(protocol='dpsgd', mixing='sparse', topology='kregular', degree=3),
     'dpsgd_onepeer': dict(protocol='dpsgd', mixing='sparse', topology='one_peer_exponential'),
     'modest': dict(protocol='modest', sample_size=6, aggregators=2),
+    'modest_local': dict(protocol='modest', sample_size=6, aggregators=2, views='local'),
     'gossip': dict(protocol='gossip', gossip_peers='random', init='independent'),
 }
 
