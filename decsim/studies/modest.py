@@ -41,8 +41,7 @@ def modest_configs(quick: bool) -> dict[str, ExperimentConfig]:
                              **(QUICK if quick else {}))
   return {
       'fl': dataclasses.replace(base, protocol='fedavg', weighting='uniform'),
-      'dpsgd': dataclasses.replace(base, protocol='dpsgd', topology='one_peer_exponential',
-                                   rounds=10 if quick else 200),
+      'dpsgd': dataclasses.replace(base, protocol='dpsgd', topology='one_peer_exponential'),
       'modest': dataclasses.replace(base, protocol='modest', aggregators=1, success_fraction=1.0),
       'modest_sf0.8': dataclasses.replace(base, protocol='modest', aggregators=1,
                                           success_fraction=0.8),
