@@ -55,6 +55,9 @@ define_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm
 define_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
 define_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
                      'shown in warm-up (0: all).')
+define_string('base_init', _D.base_init, 'Base models: shared (one init and demonstration '
+                    'stream; node n stops at its own warm-up step, so equal steps give identical '
+                    'nodes) or independent (own init and demonstrations per node).')
 define_integer('log_every', _D.log_every, 'Rounds per jit-compiled chunk between log lines.')
 define_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk (0: one vmap).')
 define_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.')

@@ -159,6 +159,31 @@ def test_base_models_are_cached_and_restored_identically(tmp_path):
   np.testing.assert_array_equal(base_lib.warmup_steps(3, warm), [1, 2, 3])
 
 
+def test_shared_base_models_are_one_trajectory_and_change_nothing_else():
+  """``base_init='shared'``: node n is the shared warm-up stopped at its own step count."""
+  policy = policy_lib.make_policy(CONFIG)
+  mix = (1.0,) * len(tasks.TASKS)
+  key = jax.random.key(0)
+  warm = lambda lo, hi, init: base_lib.make_warmup(
+      policy, 3 if hi > lo else 1, 4, base_lib.WarmupConfig(lo, hi, batch_size=4, init=init), mix)
+  shared = jax.jit(warm(1, 3, 'shared'))(key)  # steps [1, 2, 3]
+  independent = jax.jit(warm(1, 3, 'independent'))(key)
+  two_steps = jax.jit(warm(2, 2, 'shared'))(key)  # one node, 2 steps
+  leaf = lambda p, n: np.asarray(p['head']['kernel'][n])
+  np.testing.assert_allclose(leaf(shared, 1), leaf(two_steps, 0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(leaf(shared, 0), leaf(independent, 0))  # node 0: same key
+  assert not np.allclose(leaf(shared, 0), leaf(shared, 1))  # different step counts
+  equal = jax.jit(base_lib.make_warmup(policy, 3, 4, base_lib.WarmupConfig(2, 2, batch_size=4,
+                                                                           init='shared'), mix))(key)
+  jax.tree.map(lambda x: np.testing.assert_array_equal(x[0], x[2]), equal)  # identical nodes
+  # shared and independent base models are cached apart
+  c = base_lib.WarmupConfig(1, 3)
+  assert base_lib.cache_path(0, 3, CONFIG, 4, c, mix) != base_lib.cache_path(
+      0, 3, CONFIG, 4, c._replace(init='shared'), mix)
+  with pytest.raises(ValueError, match='--base_init'):
+    base_lib.make_warmup(policy, 3, 4, c._replace(init='same'), mix)
+
+
 def _launch(args, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', DECSIM_CACHE=str(tmp_path / 'cache'))
   return subprocess.run([sys.executable, '-m', 'launch.sapo', f'--out={tmp_path / "run"}', *args],
@@ -172,7 +197,8 @@ def _launch(args, tmp_path):
     (['--task_mix=add,sort'], '--task_mix'),
     (['--rounds=7', '--log_every=5'], '--log_every'),
     (['--generations=1'], '--generations'),
-], ids=['filter', 'external', 'task_mix', 'log_every', 'generations'])
+    (['--base_init=same'], '--base_init'),
+], ids=['filter', 'external', 'task_mix', 'log_every', 'generations', 'base_init'])
 def test_bad_flags_exit_2_with_one_line(args, named, tmp_path):
   proc = _launch(args, tmp_path)
   assert proc.returncode == 2

@@ -12,6 +12,14 @@ kinds, ``(n + 0..k-1) mod len(TASKS)``, so its skills differ from its neighbours
 (the paper's swarm mixes differently able models; this is what experience
 sharing can spread).
 
+With ``init = 'shared'`` every node starts from one initialisation and sees one
+demonstration stream (node 0's keys), so node n's base model is that single
+warm-up trajectory stopped at node n's step count, and with ``steps_min ==
+steps_max`` all N base models are identical: the paper's controlled runs, where
+all eight nodes start from the same pretrained Qwen2.5-0.5B and differ only in
+what they sample. Another node's completions are then close to the receiver's
+own policy rather than drawn from an unrelated model.
+
 The warm-up of all N nodes is one ``vmap`` inside one jit (steps masked per
 node). The result is cached with orbax under ``$DECSIM_CACHE`` (an absolute
 path) keyed by everything that determines it, and restored against an abstract
@@ -40,6 +48,10 @@ class WarmupConfig(NamedTuple):
   batch_size: int = 32
   lr: float = 3e-3
   kinds_per_node: int = 0  # 0: every kind of the mix; k: node n sees kinds (n + 0..k-1) mod K
+  init: str = 'independent'  # 'shared': one init and demonstration stream for all nodes
+
+
+BASE_INITS = ('independent', 'shared')
 
 
 def demonstrations(q: tasks.Questions, completion_len: int) -> jax.Array:
@@ -58,7 +70,9 @@ def warmup_steps(nodes: int, config: WarmupConfig) -> jax.Array:
 
 def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, config: WarmupConfig,
                 mix: tuple[float, ...]):
-  """``warmup(key) -> stacked params [N, ...]``: N independent inits, each warmed up."""
+  """``warmup(key) -> stacked params [N, ...]``: N inits (independent or one shared), each warmed up."""
+  if config.init not in BASE_INITS:
+    raise ValueError(f'--base_init={config.init!r} is unknown: choose one of {", ".join(BASE_INITS)}')
   tx = optax.adam(config.lr)
 
   def loss_fn(params, prompts, targets):
@@ -91,6 +105,8 @@ def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, conf
 
   def warmup(key: PRNGKey) -> Stacked:
     keys = rng.node_keys(key, 0, jnp.arange(nodes), rng.Stream.INIT)
+    if config.init == 'shared':  # every node on node 0's trajectory, stopped at its own step
+      keys = jnp.broadcast_to(keys[0], keys.shape)
     mixes = jax.vmap(node_mix)(jnp.arange(nodes))  # [N, K]
     return jax.vmap(one_node)(keys, warmup_steps(nodes, config), mixes)
 
@@ -99,7 +115,10 @@ def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, conf
 
 def cache_path(seed: int, nodes: int, policy_config: policy_lib.PolicyConfig, completion_len: int,
                config: WarmupConfig, mix: tuple[float, ...], cache_dir=None) -> pathlib.Path:
-  spec = json.dumps([seed, nodes, policy_config._asdict(), completion_len, config._asdict(),
+  fields = config._asdict()
+  if fields['init'] == 'independent':  # keeps the cache keys of runs from before the option
+    del fields['init']
+  spec = json.dumps([seed, nodes, policy_config._asdict(), completion_len, fields,
                      [round(m, 6) for m in mix], tasks.CHARS, 'v1'], sort_keys=True)
   digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
   root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()

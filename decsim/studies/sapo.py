@@ -4,7 +4,11 @@ The paper (8 Qwen2.5-0.5B nodes, ReasoningGYM, 2000 rounds, G = 8) reports
 cumulative reward 8/0: 561.8, 6/2: 854.4, 4/4: 1093.3 (+94% over 8/0), 2/6: 945.9
 with bigger swings. This study runs the same four splits, scaled down to
 character-level policies of ~40k parameters on short procedural tasks (see
-``decsim.rl``), over several seeds. ``cumulative_reward`` of a label is the mean
+``decsim.rl``), over several seeds. As in the paper's controlled runs all nodes
+start from one base model (``base_init='shared'``, 50 warm-up steps); the tasks
+are the two kinds with multi-digit answers (``rev,add``), where the verifier's
+partial credit is rare, so that most of a node's own groups are all-fail and
+carry no GRPO signal at the start. ``cumulative_reward`` of a label is the mean
 over seeds of the sum over rounds of the swarm-mean reward; ``study.json`` also
 keeps every seed's value, the ratio to 8/0 and two variability measures.
 """
