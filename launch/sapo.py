@@ -55,6 +55,11 @@ define_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm
 define_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
 define_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
                      'shown in warm-up (0: all).')
+define_string('task_source', _D.task_source, 'procedural (kinds generated in JAX) or '
+              'reasoning_gym (a pool pre-generated offline by the reasoning-gym package, scored by '
+              "its own score_answer; needs pip install -e '.[rl]'; --task_mix then names "
+              'basic_arithmetic, chain_sum, count_bits, gcd, base_conversion).')
+define_integer('pool_size', _D.pool_size, 'reasoning_gym: items generated per task.')
 define_string('base_init', _D.base_init, 'Base models: shared (one init and demonstration '
                     'stream; node n stops at its own warm-up step, so equal steps give identical '
                     'nodes) or independent (own init and demonstrations per node).')

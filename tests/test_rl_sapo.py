@@ -93,7 +93,7 @@ def test_zero_external_groups_equals_independent_grpo_per_node():
     skey = rng.node_keys(state.key, 0, jnp.arange(3), rng.Stream.ROLLOUT)[n]
     q = tasks.sample_questions(qkey, (2,))
     out = policy_lib.sample(policy, p, skey, jnp.repeat(q.prompt, 4, 0), 4).reshape(2, 4, 4)
-    rewards = sapo_lib.score_groups(out, q.oracle, q.oracle_len)
+    rewards = tasks.score_groups(out, q.oracle, q.oracle_len)
     p_new, _, _ = update(p, tx.init(p), grpo_lib.Batch(q.prompt, out, rewards, jnp.ones(2)))
     return p_new, rewards
 

@@ -69,7 +69,7 @@ def warmup_steps(nodes: int, config: WarmupConfig) -> jax.Array:
 
 
 def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, config: WarmupConfig,
-                mix: tuple[float, ...]):
+                mix: tuple[float, ...], source: tasks.TaskSource = tasks.PROCEDURAL):
   """``warmup(key) -> stacked params [N, ...]``: N inits (independent or one shared), each warmed up."""
   if config.init not in BASE_INITS:
     raise ValueError(f'--base_init={config.init!r} is unknown: choose one of {", ".join(BASE_INITS)}')
@@ -84,7 +84,7 @@ def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, conf
     mixed = jnp.asarray(mix, jnp.float32)
     if config.kinds_per_node <= 0:
       return mixed
-    k = len(tasks.TASKS)
+    k = len(source.names)
     seen = ((jnp.arange(k) - node) % k) < config.kinds_per_node
     return jnp.where(seen, jnp.maximum(mixed, 1e-3), 0.0)
 
@@ -94,7 +94,7 @@ def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, conf
 
     def step(carry, t):
       params, opt_state = carry
-      q = tasks.sample_questions(jax.random.fold_in(key, t + 1), (config.batch_size,), node_mix)
+      q = source.sample(jax.random.fold_in(key, t + 1), (config.batch_size,), node_mix)
       grads = jax.grad(loss_fn)(params, q.prompt, demonstrations(q, completion_len))
       updates, new_opt = tx.update(grads, opt_state, params)
       new = (optax.apply_updates(params, updates), new_opt)
@@ -114,12 +114,13 @@ def make_warmup(policy: policy_lib.Policy, nodes: int, completion_len: int, conf
 
 
 def cache_path(seed: int, nodes: int, policy_config: policy_lib.PolicyConfig, completion_len: int,
-               config: WarmupConfig, mix: tuple[float, ...], cache_dir=None) -> pathlib.Path:
+               config: WarmupConfig, mix: tuple[float, ...], cache_dir=None,
+               source: tasks.TaskSource = tasks.PROCEDURAL) -> pathlib.Path:
   fields = config._asdict()
   if fields['init'] == 'independent':  # keeps the cache keys of runs from before the option
     del fields['init']
   spec = json.dumps([seed, nodes, policy_config._asdict(), completion_len, fields,
-                     [round(m, 6) for m in mix], tasks.CHARS, 'v1'], sort_keys=True)
+                     [round(m, 6) for m in mix], source.cache_id, 'v1'], sort_keys=True)
   digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
   root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
   return (root / f'sapo_base_{digest}').absolute()
@@ -127,13 +128,14 @@ def cache_path(seed: int, nodes: int, policy_config: policy_lib.PolicyConfig, co
 
 def base_models(seed: int, nodes: int, policy: policy_lib.Policy, completion_len: int,
                 config: WarmupConfig, mix: tuple[float, ...], cache_dir=None,
+                source: tasks.TaskSource = tasks.PROCEDURAL,
                 log=print) -> Stacked:
   """The N warmed-up base models of ``seed``: restored from the cache, or trained and cached."""
   import orbax.checkpoint as ocp
 
-  path = cache_path(seed, nodes, policy.config, completion_len, config, mix, cache_dir)
+  path = cache_path(seed, nodes, policy.config, completion_len, config, mix, cache_dir, source)
   key = jax.random.key(seed)
-  warmup = make_warmup(policy, nodes, completion_len, config, mix)
+  warmup = make_warmup(policy, nodes, completion_len, config, mix, source)
   target = jax.eval_shape(warmup, key)
   checkpointer = ocp.StandardCheckpointer()
   if path.exists():

@@ -59,8 +59,26 @@ class SapoRunConfig:
   warmup_max: int = 50
   warmup_kinds: int = 0
   base_init: str = 'shared'
+  task_source: str = 'procedural'
+  pool_size: int = 2000
   log_every: int = 50
   node_chunk: int = 0
+
+
+TASK_SOURCES = ('procedural', 'reasoning_gym')
+
+
+def _source_shape(name: str) -> tuple[tuple[str, ...], int]:
+  """Task names and longest answer of a task source, without building it."""
+  if name == 'procedural':
+    return tasks.TASKS, tasks.ANSWER_LEN
+  from decsim.rl import reasoning_gym
+  try:
+    import reasoning_gym as _  # noqa: F401
+  except ImportError:
+    raise ConfigError("--task_source=reasoning_gym needs the optional extra: "
+                      "pip install -e '.[rl]'") from None
+  return reasoning_gym.NAMES, reasoning_gym.ANSWER_LEN
 
 
 def _check(ok: bool, message: str) -> None:
@@ -83,8 +101,12 @@ def validate(c: SapoRunConfig) -> tuple[float, ...]:
          f'--rounds={c.rounds} is not a multiple of --log_every={c.log_every}: change one of them')
   _check(c.filter in sapo_lib.FILTERS,
          f'--filter={c.filter!r} is unknown: choose one of {", ".join(sapo_lib.FILTERS)}')
-  _check(tasks.ANSWER_LEN + 1 <= c.completion_len <= 16,
-         f'--completion_len={c.completion_len}: use {tasks.ANSWER_LEN + 1}..16 (answer + EOS)')
+  _check(c.task_source in TASK_SOURCES,
+         f'--task_source={c.task_source!r} is unknown: choose one of {", ".join(TASK_SOURCES)}')
+  names, answer_len = _source_shape(c.task_source)
+  _check(c.pool_size >= 1, f'--pool_size={c.pool_size}: items per ReasoningGYM task, >= 1')
+  _check(answer_len + 1 <= c.completion_len <= 16,
+         f'--completion_len={c.completion_len}: use {answer_len + 1}..16 (answer + EOS)')
   _check(c.temperature >= 0, f'--temperature={c.temperature} must be >= 0')
   _check(c.lr > 0, f'--lr={c.lr} must be > 0')
   _check(c.iterations >= 1, f'--iterations={c.iterations} must be >= 1')
@@ -95,12 +117,12 @@ def validate(c: SapoRunConfig) -> tuple[float, ...]:
   _check(c.layers >= 1, f'--layers={c.layers} must be >= 1')
   _check(0 <= c.warmup_min <= c.warmup_max,
          f'--warmup_min={c.warmup_min} / --warmup_max={c.warmup_max}: need 0 <= min <= max')
-  _check(0 <= c.warmup_kinds <= len(tasks.TASKS),
-         f'--warmup_kinds={c.warmup_kinds}: use 0 (all kinds) to {len(tasks.TASKS)}')
+  _check(0 <= c.warmup_kinds <= len(names),
+         f'--warmup_kinds={c.warmup_kinds}: use 0 (all kinds) to {len(names)}')
   _check(c.base_init in base_lib.BASE_INITS,
          f'--base_init={c.base_init!r} is unknown: choose one of {", ".join(base_lib.BASE_INITS)}')
   try:
-    return tasks.parse_task_mix(c.task_mix)
+    return tasks.parse_task_mix(c.task_mix, names)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -108,22 +130,27 @@ def validate(c: SapoRunConfig) -> tuple[float, ...]:
 def build(c: SapoRunConfig):
   """``(policy, sapo, warmup config)`` of a validated configuration."""
   mix = validate(c)
+  source = tasks.PROCEDURAL
+  if c.task_source == 'reasoning_gym':
+    from decsim.rl import reasoning_gym
+    source = reasoning_gym.make_source(reasoning_gym.build_pool(size=c.pool_size, seed=c.seed))
   policy = policy_lib.make_policy(policy_lib.PolicyConfig(
-      max_len=tasks.PROMPT_LEN + c.completion_len, dim=c.dim, layers=c.layers, mlp=2 * c.dim))
+      vocab=source.vocab_size, max_len=source.prompt_len + c.completion_len, dim=c.dim,
+      layers=c.layers, mlp=2 * c.dim))
   config = sapo_lib.SapoConfig(
       nodes=c.nodes, local_groups=c.local_groups, external_groups=c.external_groups,
       generations=c.generations, completion_len=c.completion_len, temperature=c.temperature,
-      filter=c.filter, task_mix=mix, churn=c.churn, staleness=c.staleness,
+      filter=c.filter, task_mix=mix, source=source, churn=c.churn, staleness=c.staleness,
       grpo=grpo_lib.GRPOConfig(lr=c.lr, iterations=c.iterations, kl_coef=c.kl_coef),
       node_chunk=c.node_chunk)
   warmup = base_lib.WarmupConfig(steps_min=c.warmup_min, steps_max=c.warmup_max,
                                  kinds_per_node=c.warmup_kinds, init=c.base_init)
-  return policy, sapo_lib.sapo(policy, config), warmup, mix
+  return policy, sapo_lib.sapo(policy, config), warmup, mix, source
 
 
 def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, Any]:
   """Runs SAPO; writes ``metrics.jsonl`` (a row per round), ``summary.json``, ``config.json``."""
-  policy, sapo, warmup, mix = build(c)
+  policy, sapo, warmup, mix, source = build(c)
   out = pathlib.Path(out_dir) if out_dir is not None else None
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +158,7 @@ def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, 
 
   t0 = time.perf_counter()
   params = base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
-                                cache_dir=cache_dir, log=log)
+                                cache_dir=cache_dir, source=source, log=log)
   jax.block_until_ready(params)
   warmup_seconds = time.perf_counter() - t0
 

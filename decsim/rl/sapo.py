@@ -48,7 +48,8 @@ class SapoConfig(NamedTuple):
   completion_len: int = 6  # T
   temperature: float = 1.0
   filter: str = 'nonzero_advantage'
-  task_mix: tuple[float, ...] = (1.0,) * len(tasks.TASKS)
+  task_mix: tuple[float, ...] = (1.0,) * len(tasks.TASKS)  # weights of source.names
+  source: tasks.TaskSource = tasks.PROCEDURAL  # questions and their verifier
   churn: float = 0.0  # probability that a node is offline in a round
   staleness: int = 0  # d: external groups come from round r - d
   grpo: grpo_lib.GRPOConfig = grpo_lib.GRPOConfig()
@@ -58,9 +59,7 @@ class SapoConfig(NamedTuple):
 class Pool(NamedTuple):
   """What the swarm shares in one round."""
 
-  prompt: jax.Array  # [N, I, P]
-  oracle: jax.Array  # [N, I, A]
-  oracle_len: jax.Array  # [N, I]
+  questions: tasks.Questions  # leaves [N, I, ...]
   completions: jax.Array  # [N, I, G, T]
   rewards: jax.Array  # [N, I, G] scored by the verifier
   online: jax.Array  # [N] bool, the sharer was online (offline nodes share nothing)
@@ -119,17 +118,6 @@ def select_external(key: PRNGKey, rewards: jax.Array, online: jax.Array, j: int,
   return idx, top > -jnp.inf
 
 
-def score_groups(completions: jax.Array, oracle: jax.Array, oracle_len: jax.Array) -> jax.Array:
-  """Verifier over ``[..., G, T]`` completions with ``[..., A]`` oracles -> ``[..., G]``."""
-  lead = completions.shape[:-2]
-  g, t = completions.shape[-2:]
-  flat_c = completions.reshape(-1, g, t)
-  flat_o = oracle.reshape(-1, oracle.shape[-1])
-  flat_l = oracle_len.reshape(-1)
-  s = jax.vmap(lambda c, o, l: jax.vmap(lambda cc: tasks.score(cc, o, l))(c))(flat_c, flat_o, flat_l)
-  return s.reshape(*lead, g)
-
-
 def shared_bytes(prompt: jax.Array, completions: jax.Array) -> jax.Array:
   """Bytes a node shares for its groups ``[N, I, ...]``: one byte per character, prompt once per group."""
   prompt_chars = (prompt != tasks.PAD).sum((-1, -2))
@@ -145,14 +133,13 @@ def sapo(policy: policy_lib.Policy, config: SapoConfig) -> Sapo:
   tx, update = grpo_lib.make_grpo(policy, config.grpo)
   use_ref = config.grpo.kl_coef > 0
   node_ids = jnp.arange(n)
+  source = config.source
 
   def init(key: PRNGKey, params: Stacked) -> SapoState:
     history = None
-    if config.staleness > 0:
-      d, p, a, t = config.staleness, tasks.PROMPT_LEN, tasks.ANSWER_LEN, config.completion_len
-      history = Pool(jnp.zeros((d, n, i, p), jnp.int32), jnp.zeros((d, n, i, a), jnp.int32),
-                     jnp.zeros((d, n, i), jnp.int32), jnp.zeros((d, n, i, g, t), jnp.int32),
-                     jnp.zeros((d, n, i, g), jnp.float32), jnp.zeros((d, n), bool))
+    if config.staleness > 0:  # d empty pools (all sharers offline)
+      pool = jax.eval_shape(lambda k: share(k, 0, params, jnp.ones((n,), bool)), key)
+      history = jax.tree.map(lambda x: jnp.zeros((config.staleness, *x.shape), x.dtype), pool)
     return SapoState(round=jnp.zeros((), jnp.int32), key=key,
                      nodes=NodeState(params, jax.vmap(tx.init)(params)),
                      bytes_shared=jnp.zeros((n,), jnp.int32), history=history,
@@ -162,6 +149,14 @@ def sapo(policy: policy_lib.Policy, config: SapoConfig) -> Sapo:
     flat = jnp.repeat(prompts, g, axis=0)  # [I*G, P]
     out = policy_lib.sample(policy, params, key, flat, config.completion_len, config.temperature)
     return out.reshape(i, g, config.completion_len)
+
+  def share(key, r, params, online) -> Pool:
+    """Every node's I questions and G completions each, scored by the source's verifier."""
+    qkeys = rng.node_keys(key, r, node_ids, rng.Stream.TASK)
+    q = jax.vmap(lambda k: source.sample(k, (i,), config.task_mix))(qkeys)  # [N, I, ...]
+    skeys = rng.node_keys(key, r, node_ids, rng.Stream.ROLLOUT)
+    completions = map_nodes(rollout, config.node_chunk)(params, skeys, q.prompt)  # [N, I, G, T]
+    return Pool(q, completions, source.score(completions, q), online)  # rewards [N, I, G]
 
   def train(params, opt_state, batch, ref_params):
     return update(params, opt_state, batch, ref_params if use_ref else None)
@@ -175,30 +170,27 @@ def sapo(policy: policy_lib.Policy, config: SapoConfig) -> Sapo:
       online = jnp.ones((n,), bool)
 
     # 1. questions and rollouts, every node with its own policy and keys
-    qkeys = rng.node_keys(state.key, r, node_ids, rng.Stream.TASK)
-    q = jax.vmap(lambda k: tasks.sample_questions(k, (i,), config.task_mix))(qkeys)  # [N, I, ...]
-    skeys = rng.node_keys(state.key, r, node_ids, rng.Stream.ROLLOUT)
-    completions = map_nodes(rollout, config.node_chunk)(params, skeys, q.prompt)  # [N, I, G, T]
-    rewards = score_groups(completions, q.oracle, q.oracle_len)  # [N, I, G]
-    pool = Pool(q.prompt, q.oracle, q.oracle_len, completions, rewards, online)
+    pool = share(state.key, r, params, online)
+    q, completions, rewards = pool.questions, pool.completions, pool.rewards
 
     # 2. the pool external groups come from: this round's, or round r - d's
     history = state.history
-    source = pool
+    shared = pool
     if config.staleness > 0:
       stale = jax.tree.map(lambda h: h[0], history)
-      source = jax.tree.map(lambda old, new: jnp.where(r >= config.staleness, old, new), stale, pool)
+      shared = jax.tree.map(lambda old, new: jnp.where(r >= config.staleness, old, new), stale, pool)
       history = jax.tree.map(lambda h, x: jnp.concatenate([h[1:], x[None]]), history, pool)
 
     # 3. each node draws J groups of others and re-scores them with its verifier
     if j > 0:
-      idx, valid = select_external(rng.round_key(state.key, r, rng.Stream.SAMPLE), source.rewards,
-                                   source.online, j, config.filter)  # [N, J]
+      idx, valid = select_external(rng.round_key(state.key, r, rng.Stream.SAMPLE), shared.rewards,
+                                   shared.online, j, config.filter)  # [N, J]
       flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
-      ext_completions = flat(source.completions)
-      ext_rewards = score_groups(ext_completions, flat(source.oracle), flat(source.oracle_len))
+      ext_q = jax.tree.map(flat, shared.questions)
+      ext_completions = flat(shared.completions)
+      ext_rewards = source.score(ext_completions, ext_q)
       batch = grpo_lib.Batch(
-          prompts=jnp.concatenate([q.prompt, flat(source.prompt)], 1),  # [N, I+J, P]
+          prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [N, I+J, P]
           completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
           rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [N, I+J, G]
           weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [N, I+J]

@@ -19,6 +19,7 @@ ReasoningGYM's default ``score_answer``: 1.0 for the exact answer, otherwise
 ``len(oracle) / len(answer)`` when the oracle appears inside the answer, else 0.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -40,7 +41,8 @@ class Questions(NamedTuple):
   prompt: jax.Array  # [..., PROMPT_LEN] int32, left-padded, ends with '='
   oracle: jax.Array  # [..., ANSWER_LEN] int32, left-aligned, PAD after
   oracle_len: jax.Array  # [...] int32
-  kind: jax.Array  # [...] int32 index into TASKS
+  kind: jax.Array  # [...] int32 index into the source's task names
+  item: jax.Array | None = None  # [...] int32 index into a pre-generated pool (pool sources)
 
 
 def _tok(c: str) -> int:
@@ -130,16 +132,16 @@ _GENERATORS = {'add': _kind_fn(_add), 'chain': _kind_fn(_chain), 'bits': _kind_f
                'rev': _reverse, 'mod': _kind_fn(_mod)}
 
 
-def parse_task_mix(spec: str) -> tuple[float, ...]:
-  """``'add,chain'`` or ``'add:2,bits:1'`` -> probabilities over ``TASKS``.
+def parse_task_mix(spec: str, names: tuple[str, ...] = TASKS) -> tuple[float, ...]:
+  """``'add,chain'`` or ``'add:2,bits:1'`` -> probabilities over ``names``.
 
   Raises ValueError naming the unknown task.
   """
-  weights = dict.fromkeys(TASKS, 0.0)
+  weights = dict.fromkeys(names, 0.0)
   for item in spec.split(','):
     name, _, w = item.strip().partition(':')
     if name not in weights:
-      raise ValueError(f'--task_mix: unknown task {name!r}: choose from {", ".join(TASKS)}')
+      raise ValueError(f'--task_mix: unknown task {name!r}: choose from {", ".join(names)}')
     weights[name] += float(w) if w else 1.0
   total = sum(weights.values())
   if total <= 0:
@@ -190,6 +192,42 @@ def score(completion: jax.Array, oracle: jax.Array, oracle_len: jax.Array) -> ja
   match &= starts + oracle_len <= length
   found = match.any() & (oracle_len > 0)
   return jnp.where(found, oracle_len / jnp.maximum(length, 1), 0.0).astype(jnp.float32)
+
+
+def score_groups(completions: jax.Array, oracle: jax.Array, oracle_len: jax.Array) -> jax.Array:
+  """Verifier over ``[..., G, T]`` completions with ``[..., A]`` oracles -> ``[..., G]``."""
+  lead = completions.shape[:-2]
+  g, t = completions.shape[-2:]
+  flat_c = completions.reshape(-1, g, t)
+  flat_o = oracle.reshape(-1, oracle.shape[-1])
+  flat_l = oracle_len.reshape(-1)
+  s = jax.vmap(lambda c, o, l: jax.vmap(lambda cc: score(cc, o, l))(c))(flat_c, flat_o, flat_l)
+  return s.reshape(*lead, g)
+
+
+class TaskSource(NamedTuple):
+  """Where SAPO's questions come from and what scores the completions.
+
+  ``sample(key, shape, mix) -> Questions`` (leaves with leading ``shape``; ``mix``
+  weights ``names``); ``score(completions [..., G, T], questions [...]) -> [..., G]``.
+  The procedural source below is the default; ``decsim.rl.reasoning_gym`` builds
+  one over a ReasoningGYM pool. Token ids of PAD, EOS and digits are shared.
+  """
+
+  sample: Callable[..., Questions]
+  score: Callable[[jax.Array, Questions], jax.Array]
+  names: tuple[str, ...]
+  prompt_len: int
+  answer_len: int
+  vocab_size: int
+  cache_id: str  # what determines the questions (base-model cache keys)
+
+
+PROCEDURAL = TaskSource(sample=sample_questions,
+                        score=lambda completions, q: score_groups(completions, q.oracle,
+                                                                  q.oracle_len),
+                        names=TASKS, prompt_len=PROMPT_LEN, answer_len=ANSWER_LEN,
+                        vocab_size=VOCAB_SIZE, cache_id=CHARS)
 
 
 # Text helpers for tests, demonstrations and logs (host side).
