@@ -53,6 +53,7 @@ def test_unknown_task_names_the_choices():
     rgp.build_pool(names=('sudoku',), size=2)
 
 
+@pytest.mark.slow  # 18 s of compilation; the scorer itself is tested above
 def test_sapo_round_on_the_pool_scores_with_reasoning_gym(pool):
   """One SAPO round (3 nodes, I = J = 2) over the pool: each node's reward is the mean of
   ReasoningGYM's scores of its own rollouts, recomputed outside with the node's keys."""

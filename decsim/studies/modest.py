@@ -33,7 +33,7 @@ BASE = ExperimentConfig(nodes=100, sample_size=10, dataset='mnist1d', model='len
                         target_accuracy=0.8)
 
 
-QUICK = {'num_samples': 2000, 'nodes': 20}  # smoke tests and notebooks
+QUICK = {'num_samples': 2000, 'nodes': 20, 'model': 'mlp'}  # smoke tests and notebooks
 
 
 def modest_configs(quick: bool) -> dict[str, ExperimentConfig]:
@@ -41,7 +41,8 @@ def modest_configs(quick: bool) -> dict[str, ExperimentConfig]:
                              **(QUICK if quick else {}))
   return {
       'fl': dataclasses.replace(base, protocol='fedavg', weighting='uniform'),
-      'dpsgd': dataclasses.replace(base, protocol='dpsgd', topology='one_peer_exponential'),
+      'dpsgd': dataclasses.replace(base, protocol='dpsgd', topology='one_peer_exponential',
+                                   rounds=10 if quick else base.rounds),
       'modest': dataclasses.replace(base, protocol='modest', aggregators=1, success_fraction=1.0),
       'modest_sf0.8': dataclasses.replace(base, protocol='modest', aggregators=1,
                                           success_fraction=0.8),
