@@ -1,8 +1,5 @@
 """MoDeST: hash-ranked samples, equivalence with FedAvg, closed-form bytes, round time by
-hand, success fraction, and crash handling."""
-
-import dataclasses
-import math
+hand, success fraction, crash handling, and per-node views against the global view."""
 
 import jax
 import jax.numpy as jnp

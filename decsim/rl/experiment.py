@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from decsim.experiment import ConfigError
@@ -72,12 +71,11 @@ def _source_shape(name: str) -> tuple[tuple[str, ...], int]:
   """Task names and longest answer of a task source, without building it."""
   if name == 'procedural':
     return tasks.TASKS, tasks.ANSWER_LEN
+  import importlib.util
   from decsim.rl import reasoning_gym
-  try:
-    import reasoning_gym as _  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec('reasoning_gym') is None:
     raise ConfigError("--task_source=reasoning_gym needs the optional extra: "
-                      "pip install -e '.[rl]'") from None
+                      "pip install -e '.[rl]'")
   return reasoning_gym.NAMES, reasoning_gym.ANSWER_LEN
 
 
