@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from decsim.state import SimState
+from decsim.errors import UserError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
   """No usable checkpoint; the message names the directory and the fix."""
 
 

@@ -31,24 +31,31 @@ import numpy as np
 from decsim.network import read_rows
 from decsim.protocols.base import Protocol
 from decsim.rng import Stream, round_key
+from decsim.config import Component, option
+from decsim.errors import ConfigError
 
 
-class ChurnError(ValueError):
+class ChurnError(ConfigError):
   """A bad churn setting or trace file; the message names the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
-class ChurnConfig:
-  p_online: float = 1.0
-  crash_start_seconds: float = math.inf
-  crash_every_seconds: float = 60.0
-  crash_batch: int = 5
-  crash_fraction: float = 0.0
-  crash_graceful: bool = False
-  join_nodes: int = 0
-  join_start_seconds: float = 0.0
-  join_every_seconds: float = 60.0
-  trace_file: str | None = None
+class ChurnConfig(Component):
+  """Churn: which nodes are online when."""
+
+  p_online: float = option(1.0, 'Probability a node is online in a round.', low=0, high=1,
+                           low_open=True)
+  crash_start_seconds: float = option(math.inf, 'First crashes (sim seconds; inf: never).',
+                                      low=0, allow_inf=True)
+  crash_every_seconds: float = option(60.0, 'Seconds between crash batches.', low=0,
+                                      low_open=True)
+  crash_batch: int = option(5, 'Nodes per crash batch.', low=1)
+  crash_fraction: float = option(0.0, 'Crashes stop when this fraction is down.', low=0, high=1)
+  crash_graceful: bool = option(False, 'Scheduled nodes leave gracefully.')
+  join_nodes: int = option(0, 'Nodes that start offline and join later.', low=0)
+  join_start_seconds: float = option(0.0, 'First join (sim seconds).', low=0)
+  join_every_seconds: float = option(60.0, 'Seconds between joins.', low=0, low_open=True)
+  trace_file: str | None = option(None, '0/1 availability, a row per round, a column per node.')
 
   @property
   def enabled(self) -> bool:
@@ -68,16 +75,12 @@ def scheduled_count(t: jax.Array, start: float, every: float, batch: int, limit:
 
 
 def validate(config: ChurnConfig, nodes: int) -> None:
+  """The checks that need the number of nodes (the fields check themselves)."""
   def check(ok, message):
     if not ok:
       raise ChurnError(message)
 
-  check(0 < config.p_online <= 1, f'--p_online={config.p_online} must be in (0, 1]')
-  check(0 <= config.crash_fraction <= 1, f'--crash_fraction={config.crash_fraction} must be in [0, 1]')
-  check(config.crash_batch >= 1, f'--crash_batch={config.crash_batch} must be at least 1')
-  check(config.crash_every_seconds > 0, f'--crash_every_seconds={config.crash_every_seconds} must be > 0')
-  check(config.join_every_seconds > 0, f'--join_every_seconds={config.join_every_seconds} must be > 0')
-  check(0 <= config.join_nodes < nodes,
+  check(config.join_nodes < nodes,
         f'--join_nodes={config.join_nodes} must be in 0..{nodes - 1} (some nodes must start online)')
   crashing = math.floor(config.crash_fraction * nodes)
   check(crashing + config.join_nodes <= nodes,
@@ -98,6 +101,8 @@ def load_trace(path: str, nodes: int) -> np.ndarray:
   trace = np.asarray(rows)
   if not np.all((trace == 0) | (trace == 1)):
     raise ChurnError(f'--trace_file={path} holds values other than 0/1; {fix}')
+  if not trace.any():
+    raise ChurnError(f'--trace_file={path} has no 1 anywhere: no node would ever be online; {fix}')
   return trace.astype(bool)
 
 

@@ -7,6 +7,8 @@ the same experiments as the command line without going through flags.
 
 import dataclasses
 import json
+import math
+import os
 import pathlib
 from typing import Any
 
@@ -16,206 +18,80 @@ import numpy as np
 
 from decsim import churn as churn_lib
 from decsim import metrics as metrics_lib
+from decsim import mixing
 from decsim import network as network_lib
-from decsim import sharding
-from decsim import simulate
+from decsim import rundir, sharding, simulate
+from decsim.config import check
+from decsim.configs import (MAX_LOCAL_STEPS, DataConfig, FedAvgConfig, GossipConfig, ModelConfig,
+                            ModestConfig, RunConfig, TopologyConfig, TrainConfig, VarianceConfig)
 from decsim.data import partition as partition_lib
 from decsim.data import sources
 from decsim.data.sampler import NodeData
+from decsim.errors import ConfigError
 from decsim.local import make_local_update, make_optimizer
-from decsim.models import MODELS, build_model
+from decsim.models import build_model
+from decsim.protocols import gossip as gossip_lib
 from decsim.protocols.base import Learner, Protocol
 from decsim.protocols.dpsgd import dpsgd
-from decsim.protocols.fedavg import WEIGHTINGS, fedavg
-from decsim.protocols import gossip as gossip_lib
-from decsim.protocols.modest import VIEWS, modest
-from decsim import mixing
+from decsim.protocols.fedavg import fedavg
+from decsim.protocols.modest import modest
 from decsim import topology as topology_lib
 
-PROTOCOLS = ('fedavg', 'dpsgd', 'gossip', 'modest')
 DECENTRALIZED = ('dpsgd', 'gossip')
+SAMPLED = ('fedavg', 'modest')
 MAX_LOCAL_VIEW_NODES = 10_000  # MoDeST --views=local: three [N, N] int32 matrices
-VARIANCE_CORRECTIONS = ('none', *mixing.VC_TARGETS)
-TOPOLOGIES = (*topology_lib.TOPOLOGIES, 'one_peer_exponential')
-PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
-OPTIMIZERS = ('sgd', 'adam')
-INITS = ('shared', 'independent')
-MIXING = ('auto', 'dense', 'sparse')
-PARAM_DTYPES = ('float32', 'bfloat16')
-
-
-class ConfigError(ValueError):
-  """A bad setting; the message is one line naming the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig(network_lib.NetworkConfig, churn_lib.ChurnConfig):
-  """Every setting of a run; the network and churn fields come from their own configs."""
+class ExperimentConfig(GossipConfig, ModestConfig, FedAvgConfig, VarianceConfig,
+                       churn_lib.ChurnConfig, network_lib.NetworkConfig, TopologyConfig,
+                       TrainConfig, ModelConfig, DataConfig, RunConfig):
+  """Every setting of a run: the fields of all components, flat (one flag each).
 
-  protocol: str = 'fedavg'
-  dataset: str = 'mnist1d'
-  num_samples: int = 10_000
-  data_dir: str | None = None
-  model: str = 'lenet'
-  partition: str = 'dirichlet'
-  alpha: float = 0.5
-  shards_per_node: int = 2
-  nodes: int = 100
-  sample_size: int = 10
-  topology: str = 'kregular'
-  degree: int = 4
-  edge_probability: float = 0.1
-  mixing: str = 'auto'
-  init: str = 'shared'
-  weighting: str = 'data_size'
-  local_steps: int = 5
-  local_epochs: float = 0.0
-  batch_size: int = 32
-  optimizer: str = 'sgd'
-  lr: float = 0.05
-  momentum: float = 0.9
-  rounds: int = 300
-  eval_every: int = 20
-  eval_nodes: int = 10
-  target_accuracy: float = 0.8
-  seed: int = 0
-  node_chunk: int = -1
-  checkpoint_every: int = 0
-  resume: bool = False
-  replicas: int = 1
-  # FedAvg and MoDeST
-  success_fraction: float = 1.0
-  # MoDeST
-  aggregators: int = 1
-  ping_timeout: float = 2.0
-  inactivity_threshold: int = 20
-  views: str = 'global'
-  # Gossip learning (issue 4); one tick of --tick_seconds per round.
-  gossip_delta: int = 10
-  gossip_wake: str = 'uniform'
-  gossip_peers: str = 'random'
-  gossip_merge: str = 'half'
-  gossip_beta: float = 0.5
-  gossip_buffer: int = 1
-  gossip_partitions: int = 1
-  gossip_keep: float = 1.0
-  gossip_max_active: int = 0
-  tick_seconds: float = 1.0
-  # Variance correction after averaging (Tian et al. 2024): gossip, dpsgd, fedavg.
-  variance_correction: str = 'none'
-  vc_biases: bool = False
-  vc_unbiased: bool = False
-  vc_epsilon: float = 1e-12
-  vc_ratio: float = 1.0
-  # Scale (issue 6)
-  devices: int = 1
-  param_dtype: str = 'float32'
+  Making one checks every field (``decsim.config.check_fields``) and every
+  combination (the components' ``check`` methods, then this one's).
+  """
+
+  def check(self):
+    c = self
+    if c.protocol in SAMPLED:
+      check(c.sample_size <= c.nodes,
+            f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
+      check(c.init == 'shared', f'--init=independent has no meaning for --protocol={c.protocol} '
+            '(one model travels between clients); drop --init or use a decentralized protocol')
+    if c.protocol == 'modest':
+      check(c.aggregators <= c.nodes, f'--aggregators={c.aggregators} must be in 1..--nodes={c.nodes}')
+      check(c.views != 'local' or c.nodes <= MAX_LOCAL_VIEW_NODES,
+            f'--views=local keeps an [N, N] view matrix ({12 * c.nodes ** 2 / 2 ** 30:.1f} GiB at '
+            f'--nodes={c.nodes}); use --views=global or at most {MAX_LOCAL_VIEW_NODES} nodes')
+    if c.protocol in DECENTRALIZED:
+      _check_graph(c)
+    check(c.gossip_peers == 'random' or c.topology != 'one_peer_exponential',
+          f'--gossip_peers={c.gossip_peers} needs a static --topology, not one_peer_exponential')
+    churn_lib.validate(c, c.nodes)
 
 
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
-def _choice(name: str, value: str, choices) -> None:
-  _check(value in choices, f'--{name}={value!r} is unknown: choose one of {", ".join(choices)}')
+def _check_graph(c: ExperimentConfig) -> None:
+  check(c.nodes >= 2, f'--protocol={c.protocol} needs --nodes >= 2')
+  if c.topology == 'kregular':
+    check(c.degree < c.nodes,
+          f'--degree={c.degree} must be in 1..{c.nodes - 1} (below --nodes): lower --degree')
+    check(c.nodes * c.degree % 2 == 0,
+          f'--nodes={c.nodes} x --degree={c.degree} is odd: a k-regular graph needs an even '
+          'product; change --degree or --nodes')
 
 
 def validate(c: ExperimentConfig) -> None:
-  """Raises ConfigError on the first bad value or combination."""
-  _choice('protocol', c.protocol, PROTOCOLS)
-  _choice('dataset', c.dataset, sources.DATASETS)
-  _choice('model', c.model, MODELS)
-  _choice('partition', c.partition, PARTITIONS)
-  _choice('topology', c.topology, TOPOLOGIES)
-  _choice('mixing', c.mixing, MIXING)
-  _choice('init', c.init, INITS)
-  _choice('weighting', c.weighting, WEIGHTINGS)
-  _choice('optimizer', c.optimizer, OPTIMIZERS)
-  _check(c.nodes >= 1, f'--nodes={c.nodes} must be at least 1')
-  _check(c.num_samples >= 0, f'--num_samples={c.num_samples} must be >= 0 (0: the whole dataset)')
-  _check(c.alpha > 0, f'--alpha={c.alpha} must be > 0 (small: label skew; large: near IID)')
-  _check(c.shards_per_node >= 1, f'--shards_per_node={c.shards_per_node} must be at least 1')
-  if c.protocol in ('fedavg', 'modest'):
-    _check(0 < c.success_fraction <= 1,
-           f'--success_fraction={c.success_fraction} must be in (0, 1]')
-  if c.protocol == 'modest':
-    _check(1 <= c.sample_size <= c.nodes,
-           f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
-    _check(1 <= c.aggregators <= c.nodes,
-           f'--aggregators={c.aggregators} must be in 1..--nodes={c.nodes}')
-    _check(c.ping_timeout >= 0, f'--ping_timeout={c.ping_timeout} must be >= 0 seconds')
-    _check(c.inactivity_threshold >= 1,
-           f'--inactivity_threshold={c.inactivity_threshold} must be at least 1 round')
-    _choice('views', c.views, VIEWS)
-    _check(c.views != 'local' or c.nodes <= MAX_LOCAL_VIEW_NODES,
-           f'--views=local keeps an [N, N] view matrix ({12 * c.nodes ** 2 / 2 ** 30:.1f} GiB at '
-           f'--nodes={c.nodes}); use --views=global or at most {MAX_LOCAL_VIEW_NODES} nodes')
-    _check(c.init == 'shared', '--init=independent has no meaning for --protocol=modest (one '
-           'model travels between samples); drop --init')
-  if c.protocol == 'fedavg':
-    _check(c.init == 'shared', '--init=independent has no meaning for --protocol=fedavg (one '
-           'server model); drop --init or use a decentralized protocol')
-    _check(1 <= c.sample_size <= c.nodes,
-           f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
-  if c.protocol in DECENTRALIZED:
-    _check(c.nodes >= 2, f'--protocol={c.protocol} needs --nodes >= 2')
-    if c.topology in ('kregular',):
-      _check(1 <= c.degree < c.nodes,
-             f'--degree={c.degree} must be in 1..{c.nodes - 1} (below --nodes): lower --degree')
-      _check(c.nodes * c.degree % 2 == 0,
-             f'--nodes={c.nodes} x --degree={c.degree} is odd: a k-regular graph needs an even '
-             'product; change --degree or --nodes')
-    if c.topology == 'erdos_renyi':
-      _check(0 < c.edge_probability <= 1,
-             f'--edge_probability={c.edge_probability} must be in (0, 1]')
-  _check(c.local_steps >= 1, f'--local_steps={c.local_steps} must be at least 1')
-  _check(c.local_epochs >= 0, f'--local_epochs={c.local_epochs} must be >= 0 (0: use --local_steps)')
-  _check(c.batch_size >= 1, f'--batch_size={c.batch_size} must be at least 1')
-  _check(c.lr > 0, f'--lr={c.lr} must be > 0')
-  _check(0 <= c.momentum < 1, f'--momentum={c.momentum} must be in [0, 1)')
-  _check(c.rounds >= 1, f'--rounds={c.rounds} must be at least 1')
-  _check(c.eval_every >= 1, f'--eval_every={c.eval_every} must be at least 1')
-  _check(c.rounds % c.eval_every == 0,
-         f'--rounds={c.rounds} is not a multiple of --eval_every={c.eval_every}: '
-         'make it one (rounds run in chunks of eval_every)')
-  _check(c.eval_nodes >= 0, f'--eval_nodes={c.eval_nodes} must be >= 0')
-  _check(0 <= c.target_accuracy <= 1, f'--target_accuracy={c.target_accuracy} must be in [0, 1]')
-  _check(c.checkpoint_every >= 0 and c.checkpoint_every % c.eval_every == 0,
-         f'--checkpoint_every={c.checkpoint_every} must be 0 (off) or a multiple of '
-         f'--eval_every={c.eval_every}')
-  _check(c.replicas >= 1, f'--replicas={c.replicas} must be at least 1')
-  _check(c.node_chunk >= -1, f'--node_chunk={c.node_chunk} must be -1 (auto), 0 (one vmap) or > 0')
-  _choice('param_dtype', c.param_dtype, PARAM_DTYPES)
+  """Raises ConfigError on what the config alone cannot know: devices, model size, memory.
+
+  Every field and combination was checked when ``c`` was made; this checks them
+  again (``c`` may have been made with ``object.__setattr__``) and adds the checks
+  that ask JAX or the machine.
+  """
+  ExperimentConfig.__post_init__(c)
   if c.devices != 1:  # asks JAX how many devices there are only when sharding
     error = sharding.device_error(c.devices, c.nodes, jax.device_count())
-    _check(error is None, error)
-    _check(c.replicas == 1, f'--replicas={c.replicas} cannot be combined with --devices='
-           f'{c.devices}: run replicas on one device or shard one replica')
-  _validate_gossip_and_vc(c)
-
-
-def _validate_gossip_and_vc(c: ExperimentConfig) -> None:
-  _choice('variance_correction', c.variance_correction, VARIANCE_CORRECTIONS)
-  _check(0 <= c.vc_ratio <= 1, f'--vc_ratio={c.vc_ratio} must be in [0, 1] (1: full correction)')
-  _check(c.vc_epsilon > 0, f'--vc_epsilon={c.vc_epsilon} must be > 0')
-  if c.protocol != 'gossip':
-    return
-  _choice('gossip_wake', c.gossip_wake, gossip_lib.WAKES)
-  _choice('gossip_peers', c.gossip_peers, gossip_lib.PEERS)
-  _choice('gossip_merge', c.gossip_merge, gossip_lib.MERGES)
-  _check(c.gossip_delta >= 1, f'--gossip_delta={c.gossip_delta} must be at least 1 tick')
-  _check(0 <= c.gossip_beta <= 1, f'--gossip_beta={c.gossip_beta} must be in [0, 1]')
-  _check(c.gossip_buffer >= 1, f'--gossip_buffer={c.gossip_buffer} must be at least 1')
-  _check(c.gossip_partitions >= 1,
-         f'--gossip_partitions={c.gossip_partitions} must be at least 1 (1: whole models)')
-  _check(0 < c.gossip_keep <= 1, f'--gossip_keep={c.gossip_keep} must be in (0, 1] (1: no '
-         'sampling compression)')
-  _check(c.gossip_max_active >= 0,
-         f'--gossip_max_active={c.gossip_max_active} must be >= 0 (0: all nodes, masked)')
-  _check(c.tick_seconds > 0, f'--tick_seconds={c.tick_seconds} must be > 0')
-  _check(c.gossip_peers == 'random' or c.topology != 'one_peer_exponential',
-         f'--gossip_peers={c.gossip_peers} needs a static --topology, not one_peer_exponential')
+    check(error is None, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,11 +221,39 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   return evaluate
 
 
+def _memory_limit() -> int:
+  """Bytes the run may use: the device's limit where it reports one, else physical memory."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit']) * jax.local_device_count()
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_feasible(c: ExperimentConfig, learner: Learner, data: NodeData) -> None:
+  """Refuses what would only fail later: too many local steps, partitions or bytes."""
+  steps = math.ceil(c.local_epochs * int(data.idx.shape[1]) / c.batch_size)
+  check(steps <= MAX_LOCAL_STEPS,
+        f'--local_epochs={c.local_epochs} means {steps} local steps per round for the largest '
+        f'node (at most {MAX_LOCAL_STEPS}): lower --local_epochs or raise --batch_size')
+  shapes = jax.eval_shape(learner.init_params, jax.random.key(0))
+  params = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+  check(c.gossip_partitions <= params,
+        f'--gossip_partitions={c.gossip_partitions} exceeds the model\'s {params} parameters: '
+        'use at most one partition per parameter')
+  slots = {'sgd': 2, 'adam': 3}[c.optimizer]  # params + momentum (+ second moment)
+  need = c.replicas * c.nodes * learner.model_bytes() * (slots + 1)  # + one transient copy
+  limit = _memory_limit()
+  check(need <= limit, f'--nodes={c.nodes} x --replicas={c.replicas} of this --model need about '
+        f'{need / 2 ** 30:.1f} GiB for models and optimiser state, more than the '
+        f'{limit / 2 ** 30:.1f} GiB here: lower --nodes, use --param_dtype=bfloat16 or --devices')
+
+
 def build(c: ExperimentConfig) -> Experiment:
   """Validates ``c`` and builds its data, learner, protocol and evaluation."""
   validate(c)
   dataset, data = load_data(c)
   learner, apply_fn = make_learner(c, dataset)
+  check_feasible(c, learner, data)
   protocol = make_protocol(c, learner)
   evaluate = make_evaluate(c, protocol, apply_fn, jnp.asarray(dataset.x_test),
                            jnp.asarray(dataset.y_test))
@@ -367,13 +271,23 @@ def root_keys(c: ExperimentConfig) -> jax.Array:
 RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
 
 
-def _check_same_run(path: pathlib.Path, c: ExperimentConfig) -> None:
-  """--resume must continue the same experiment (more rounds are allowed)."""
-  if not path.exists():
+def check_resume(out: pathlib.Path, c: ExperimentConfig) -> None:
+  """--resume must continue the same experiment (more rounds are allowed) from a directory
+  that still has its config.json; an empty or missing directory simply starts."""
+  path = out / 'config.json'
+  if not out.exists() or not any(out.iterdir()):
     return
-  saved = json.loads(path.read_text())
-  changed = sorted(k for k, v in dataclasses.asdict(c).items()
-                   if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+  if not path.exists():
+    raise ConfigError(f'--resume: {path} is missing, so the run in {out} cannot be checked; '
+                      'start a new run with another --out')
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'--resume: {path} cannot be read ({e}); start a new run with another '
+                      '--out') from None
+  current = dataclasses.asdict(c)
+  changed = sorted(k for k in current.keys() | saved.keys()
+                   if k not in RESUMABLE_CHANGES and saved.get(k, '?') != current.get(k, '?'))
   if changed:
     raise ConfigError(f'--resume with settings that differ from {path}: '
                       f'{", ".join(f"--{k}" for k in changed)}; resume with the same flags or '
@@ -389,23 +303,32 @@ def message_bytes(c: ExperimentConfig, learner: Learner) -> tuple[int, int, int]
 
 
 def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=print) -> dict[str, Any]:
-  """Builds and runs ``c``; writes config.json, metrics.jsonl, summary.json, accuracy.png."""
-  exp = build(c)
-  if out_dir is not None:
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if c.resume:
-      _check_same_run(out / 'config.json', c)
-    (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
-  elif c.resume or c.checkpoint_every:
+  """Builds and runs ``c``; writes config.json, metrics.jsonl, summary.json, accuracy.png.
+
+  ``out_dir`` is locked for the run and an earlier run there is kept until this one
+  has a first finite evaluation (``decsim.rundir``); nothing is written before ``c``
+  is valid, the data is loaded and the round has compiled.
+  """
+  if out_dir is None and (c.resume or c.checkpoint_every):
     raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
-  summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
-                         rounds=c.rounds, eval_every=c.eval_every,
-                         message_bytes=message_bytes(c, exp.learner),
-                         target_accuracy=c.target_accuracy, out_dir=out_dir,
-                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
-                         mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None)
-  if out_dir is not None:
-    from decsim import plotting  # matplotlib only when writing a run directory
-    plotting.plot_accuracy(pathlib.Path(out_dir))
-  return summary
+  validate(c)
+  run_dir = rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None
+  try:
+    if c.resume:
+      check_resume(run_dir.path, c)
+    exp = build(c)
+    summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
+                           rounds=c.rounds, eval_every=c.eval_every,
+                           message_bytes=message_bytes(c, exp.learner),
+                           target_accuracy=c.target_accuracy, run_dir=run_dir,
+                           checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
+                           mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
+                           files={'config.json': dataclasses.asdict(c)})
+    if run_dir is not None:
+      from decsim import plotting  # matplotlib only when writing a run directory
+      plotting.plot_accuracy(run_dir.path)
+    return summary
+  finally:
+    if run_dir is not None:
+      run_dir.discard()
+      run_dir.release()

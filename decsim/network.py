@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from decsim.config import Component, check, option
+from decsim.errors import ConfigError
 
 KINDS = ('model', 'view', 'ping')  # message kinds counted by every protocol
 MODEL, VIEW, PING = range(3)
@@ -34,9 +36,12 @@ _EARTH_RADIUS_KM = 6371.0
 _FIBRE_KM_PER_S = 200_000.0  # light in fibre, ~2/3 c
 _ROUTE_INFLATION = 2.0
 _SAME_SITE_S = 0.001
+MAX_SITES = 10_000  # an [S, S] float32 latency matrix: 400 MB at this size
+MIN_RATE = 1e-3  # slower bandwidths or speeds give simulated times beyond float32
+MAX_LATENCY_MS = 3_600_000.0  # one hour one way
 
 
-class NetworkError(ValueError):
+class NetworkError(ConfigError):
   """A bad network setting or file; the message names the flag and the fix."""
 
 
@@ -96,9 +101,9 @@ def load_latency(path: str | pathlib.Path) -> np.ndarray:
     raise NetworkError(f'--latency_file={path} must be a square S x S matrix, got {len(rows)} '
                        f'rows of lengths {sorted({len(r) for r in rows})}; {fix}')
   matrix = np.asarray(rows, np.float64)
-  if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
-    raise NetworkError(f'--latency_file={path} has negative or non-finite entries; latencies '
-                       'are milliseconds >= 0')
+  if not np.all(np.isfinite(matrix)) or np.any(matrix < 0) or np.any(matrix > MAX_LATENCY_MS):
+    raise NetworkError(f'--latency_file={path} has entries outside 0..{MAX_LATENCY_MS:g}; '
+                       'latencies are one-way milliseconds, at most an hour')
   return (matrix / 1000.0).astype(np.float32)
 
 
@@ -110,15 +115,27 @@ def _per_node(rng: np.random.Generator, n: int, mean: float, sigma: float) -> np
 
 
 @dataclasses.dataclass(frozen=True)
-class NetworkConfig:
-  sites: int = 20
-  latency_file: str | None = None
-  upload_mbps: float = 0.0  # 0: unlimited
-  download_mbps: float = 0.0  # 0: unlimited
-  bandwidth_sigma: float = 0.0  # lognormal spread of per-node bandwidth
-  samples_per_second: float = 1000.0
-  compute_sigma: float = 0.0  # lognormal spread of per-node speed
-  compute_file: str | None = None  # one samples/s value per node
+class NetworkConfig(Component):
+  """Simulated network: sites, latency, bandwidth, compute speed."""
+
+  sites: int = option(20, 'Sites on the globe; node i sits on site i mod S.', low=1,
+                      high=MAX_SITES)
+  latency_file: str | None = option(None, 'CSV S x S one-way latencies in ms (replaces the '
+                                    'generated globe).')
+  upload_mbps: float = option(0.0, 'Per-node upload Mbit/s (0: unlimited).', low=0,
+                              hint='(0: unlimited)')
+  download_mbps: float = option(0.0, 'Per-node download Mbit/s (0: unlimited).', low=0,
+                                hint='(0: unlimited)')
+  bandwidth_sigma: float = option(0.0, 'Lognormal spread of bandwidths.', low=0, high=10)
+  samples_per_second: float = option(1000.0, 'Training speed of a node.', low=MIN_RATE)
+  compute_sigma: float = option(0.0, 'Lognormal spread of node speeds.', low=0, high=10)
+  compute_file: str | None = option(None, 'One samples/s value per node.')
+
+  def check(self):
+    for name in ('upload_mbps', 'download_mbps'):
+      value = getattr(self, name)
+      check(value == 0 or value >= MIN_RATE,
+            f'--{name}={value:g} is too slow to simulate: use 0 (unlimited) or >= {MIN_RATE:g}')
 
 
 def make_network(config: NetworkConfig, nodes: int, seed: int = 0) -> Network:
@@ -157,9 +174,9 @@ def _load_speeds(path: str, nodes: int) -> np.ndarray:
   except (OSError, ValueError) as e:
     raise NetworkError(f'--compute_file={path} cannot be read as numbers ({e}); give one '
                        'samples/s value per node') from None
-  if values.shape != (nodes,) or not np.all(values > 0):
-    raise NetworkError(f'--compute_file={path} must hold {nodes} positive samples/s values '
-                       f'(one per node), got {values.size}')
+  if values.shape != (nodes,) or not np.all(np.isfinite(values) & (values >= MIN_RATE)):
+    raise NetworkError(f'--compute_file={path} must hold {nodes} finite samples/s values >= '
+                       f'{MIN_RATE:g} (one per node), got {values.size} values')
   return values.astype(np.float32)
 
 

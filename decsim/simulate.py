@@ -6,9 +6,11 @@ rounds, where the loop evaluates, logs and writes results. Every row of
 diverged run keeps everything it had computed.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -19,19 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from decsim import sharding
-from decsim.checkpoint import Checkpointer
+from decsim import interrupts, rundir, sharding
+from decsim.checkpoint import CheckpointError, Checkpointer
+from decsim.errors import NoNodeOnline, RunInterrupted, SimulationDiverged
 from decsim.data.sampler import NodeData
 from decsim.network import KINDS, MODEL
 from decsim.protocols.base import Protocol
+from decsim.rundir import RunDirectory
 from decsim.state import SimState
 from decsim.types import PRNGKey
 
 EvaluateFn = Callable[[SimState], dict[str, jax.Array]]
-
-
-class SimulationDiverged(RuntimeError):
-  """Training produced a non-finite loss; metrics up to that point are kept."""
 
 
 def make_chunk(protocol: Protocol, length: int, shardings: SimState | None = None):
@@ -72,105 +72,233 @@ def peak_memory() -> tuple[int, str]:
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
   import resource
-  import sys
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return int(rss if sys.platform == 'darwin' else rss * 1024), 'host ru_maxrss'
+
+
+@dataclasses.dataclass
+class _Progress:
+  """What the loop has done so far: rows, timings, node-steps and how it ended."""
+
+  rows: list
+  run_seconds: float = 0.0
+  node_steps: int = 0
+  compile_seconds: float = 0.0
+  status: str = 'completed'
+  error: str | None = None
 
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
         eval_every: int, message_bytes: tuple[int, ...], target_accuracy: float | None = None,
         out_dir: str | pathlib.Path | None = None, checkpoint_every: int = 0,
         resume: bool = False, log: Callable[[str], None] = print,
-        mesh: Mesh | None = None) -> dict[str, Any]:
+        mesh: Mesh | None = None, run_dir: RunDirectory | None = None,
+        files: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
-  Writes ``metrics.jsonl`` (one row per evaluation) and ``summary.json`` into
-  ``out_dir`` when given, and an orbax checkpoint every ``checkpoint_every``
-  rounds into ``out_dir/checkpoints``. With ``resume`` the run continues from the
-  newest readable checkpoint and keeps the rows written up to it. Raises
-  ``SimulationDiverged`` on a non-finite loss, after writing the rows so far.
-  With ``mesh`` the node axis is split over its devices (``decsim.sharding``); a
-  batch of keys (one per replica) runs the replicas as one vmapped simulation.
+  Writes ``metrics.jsonl`` (one row per evaluation), ``summary.json`` and the JSON
+  ``files`` (e.g. ``config.json``) into ``out_dir`` (or the locked ``run_dir``)
+  when given, and an orbax checkpoint every ``checkpoint_every`` rounds into
+  ``OUT/checkpoints``; see ``decsim.rundir`` for how an earlier run in the
+  directory is never lost. With ``resume`` the run continues from the newest
+  readable checkpoint and keeps the rows written up to it. ``summary['status']``
+  is ``completed``, ``diverged``, ``interrupted`` (SIGINT/SIGTERM; raises
+  ``RunInterrupted`` after the summary) or ``failed`` (with ``error``). With
+  ``mesh`` the node axis is split over its devices (``decsim.sharding``); a batch
+  of keys (one per replica) runs the replicas as one vmapped simulation.
   """
-  if rounds % eval_every:
-    raise ValueError(f'rounds={rounds} is not a multiple of eval_every={eval_every}')
-  if checkpoint_every % eval_every:
-    raise ValueError(f'checkpoint_every={checkpoint_every} is not a multiple of '
-                     f'eval_every={eval_every}')
-  out = pathlib.Path(out_dir) if out_dir is not None else None
-  if (checkpoint_every or resume) and out is None:
+  if rounds % eval_every or checkpoint_every % eval_every:
+    raise ValueError(f'rounds={rounds} and checkpoint_every={checkpoint_every} must be '
+                     f'multiples of eval_every={eval_every}')
+  if (checkpoint_every or resume) and out_dir is None and run_dir is None:
     raise ValueError('checkpoints need an output directory')
+  own_dir = run_dir is None and out_dir is not None
+  if own_dir:
+    run_dir = RunDirectory(out_dir, resume)
+  try:
+    with interrupts.deferred():
+      return _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes,
+                  target_accuracy, run_dir, checkpoint_every, resume, log, mesh, files or {})
+  finally:
+    if own_dir:
+      run_dir.discard()
+      run_dir.release()
 
+
+def _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes, target_accuracy,
+         run_dir, checkpoint_every, resume, log, mesh, files) -> dict[str, Any]:
   replicated = key.ndim == 1  # a key per replica: R seeds vmapped as one simulation
   if replicated and mesh is not None:
     raise ValueError('replicas and a device mesh cannot be combined')
+  progress = _Progress(rows=[])
+  writer = RunWriter(run_dir, files, checkpoint_every)
+  try:
+    stop_if_requested('before the first round')
+    state, data = _initial_state(protocol, key, data, mesh, replicated)
+    if resume:
+      state = writer.restore(state, progress, mesh, log)
+    t0 = time.perf_counter()
+    chunk = compile_chunk(protocol, state, data, eval_every, mesh, replicated)
+    evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
+    evaluate.lower(state).compile()
+    progress.compile_seconds = time.perf_counter() - t0
+    stop_if_requested('while compiling')
+    for _ in range(int(np.max(state.round)) // eval_every, rounds // eval_every):
+      state = _one_chunk(chunk, evaluate, state, data, message_bytes, progress, writer)
+      log(_progress(progress.rows[-1], rounds, progress.run_seconds))
+      stop_if_requested(f'at round {progress.rows[-1]["round"]}')
+  except BaseException as e:
+    progress.status, progress.error = ending(e)
+    writer.finish(_summary(progress, target_accuracy, mesh))
+    if run_dir is not None and not run_dir.promoted:
+      e.kept_earlier_run = run_dir.path  # launchers say the earlier run is unchanged
+    raise
+  summary = _summary(progress, target_accuracy, mesh)
+  writer.finish(summary)
+  return summary
+
+
+def _initial_state(protocol, key, data, mesh, replicated):
   if mesh is None:
     init = jax.vmap(protocol.init, in_axes=(0, None)) if replicated else protocol.init
-    state = jax.jit(init)(key, data)
+    return jax.jit(init)(key, data), data
+  data = sharding.shard_data(data, mesh)
+  return sharding.sharded_init(protocol.init, key, data, mesh), data
+
+
+def _one_chunk(chunk, evaluate, state, data, message_bytes, progress: _Progress, writer):
+  """Runs one chunk, appends its row (and checkpoint); raises if the run must stop."""
+  t = time.perf_counter()
+  state, metrics = chunk(state, data)
+  jax.block_until_ready(state)
+  progress.run_seconds += time.perf_counter() - t
+  progress.node_steps += int(jnp.sum(metrics.node_steps))
+  raw = _row(state, metrics, evaluate(state), message_bytes)
+  row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in raw.items()}
+  progress.rows.append(row)
+  problem = _row_problem(row, progress.node_steps, state)
+  writer.append(row, finite=problem is None)
+  if problem is None:
+    writer.checkpoint(row['round'], state, progress)
   else:
-    data = sharding.shard_data(data, mesh)
-    state = sharding.sharded_init(protocol.init, key, data, mesh)
-  rows, run_seconds, node_steps, status = [], 0.0, 0, 'completed'
-  checkpointer = Checkpointer(out / 'checkpoints') if checkpoint_every or resume else None
-  if resume:
-    restored = checkpointer.restore_latest(state, log)
-    if restored is None:
-      log(f'no checkpoint in {checkpointer.directory}; starting at round 0')
-    else:
-      step, state, meta = restored
-      if mesh is not None:  # restored on one device; split the node axis again
-        state = sharding.put(state, sharding.state_shardings(state, mesh))
-      rows = [r for r in read_rows(out / 'metrics.jsonl') if r['round'] <= step]
-      run_seconds, node_steps = meta['run_seconds'], meta['node_steps']
-      log(f'resumed from the checkpoint at round {step}')
-  metrics_file = None
-  if out is not None:
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(out / 'metrics.jsonl', 'w')
-    metrics_file.writelines(json.dumps(r) + '\n' for r in rows)
-    metrics_file.flush()
+    raise problem
+  return state
 
-  t0 = time.perf_counter()
-  chunk = compile_chunk(protocol, state, data, eval_every, mesh, replicated)
-  evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
-  evaluate.lower(state).compile()
-  compile_seconds = time.perf_counter() - t0
 
-  try:
-    for _ in range(int(np.max(state.round)) // eval_every, rounds // eval_every):
-      t = time.perf_counter()
-      state, metrics = chunk(state, data)
-      jax.block_until_ready(state)
-      run_seconds += time.perf_counter() - t
-      node_steps += int(jnp.sum(metrics.node_steps))
-      row = _row(state, metrics, evaluate(state), message_bytes)
-      diverged = not all(math.isfinite(row[k]) for k in ('train_loss', 'loss'))
-      row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
-      rows.append(row)
-      if metrics_file:
-        metrics_file.write(json.dumps(row) + '\n')
-        metrics_file.flush()
-      log(_progress(row, rounds, run_seconds))
-      if checkpoint_every and row['round'] % checkpoint_every == 0 and not diverged:
-        checkpointer.save(row['round'], state, {'run_seconds': run_seconds,
-                                                'node_steps': node_steps})
-      if diverged:
-        status = 'diverged'
-        raise SimulationDiverged(
-            f'training diverged by round {row["round"]}: the loss is not finite; lower --lr '
-            f'(metrics so far are kept in {out or "the returned rows"})')
-  finally:
-    if metrics_file:
-      metrics_file.close()
-    if checkpointer:
-      checkpointer.close()
-    summary = summarize(rows, target_accuracy, compile_seconds, run_seconds, node_steps)
-    summary['status'] = status
-    summary['devices'] = 1 if mesh is None else mesh.size
-    summary['peak_memory_bytes'], summary['peak_memory_source'] = peak_memory()
-    if out is not None:
-      (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+def _row_problem(row: dict[str, Any], node_steps: int, state: SimState) -> Exception | None:
+  """Why the run cannot go on after ``row``: divergence, a non-finite clock, no node online."""
+  if row['train_loss'] is None or row['loss'] is None:
+    return SimulationDiverged(f'training diverged by round {row["round"]}: the loss is not '
+                              'finite; lower --lr')
+  if row['sim_seconds'] is None:
+    return SimulationDiverged(f'simulated time is not finite by round {row["round"]}: a network '
+                              'or compute setting is out of range (bandwidth, speed, latency)')
+  if node_steps == 0 and not np.any(np.asarray(state.available)):
+    return NoNodeOnline(f'no node has been online in rounds 1..{row["round"]}: the churn '
+                        'settings (--p_online, --trace_file, --join_*, --crash_*) leave nobody '
+                        'to train')
+  return None
+
+
+def stop_if_requested(where: str) -> None:
+  signum = interrupts.requested()
+  if signum is not None:
+    name = signal.Signals(signum).name
+    raise RunInterrupted(f'interrupted by {name} {where}; continue with the same flags and '
+                         '--resume (with --checkpoint_every) or run again', signum)
+
+
+def ending(e: BaseException) -> tuple[str, str]:
+  """``(status, one-line error)`` of an exception that ended the run."""
+  line = str(e).splitlines()[0] if str(e) else type(e).__name__
+  if isinstance(e, SimulationDiverged) and 'diverged' in line:
+    return 'diverged', line
+  if isinstance(e, (RunInterrupted, KeyboardInterrupt)):
+    return 'interrupted', line
+  return 'failed', line
+
+
+def _summary(progress: _Progress, target_accuracy, mesh) -> dict[str, Any]:
+  summary = summarize(progress.rows, target_accuracy, progress.compile_seconds,
+                      progress.run_seconds, progress.node_steps)
+  summary['status'] = progress.status
+  if progress.error:
+    summary['error'] = progress.error
+  summary['devices'] = 1 if mesh is None else mesh.size
+  summary['peak_memory_bytes'], summary['peak_memory_source'] = peak_memory()
   return summary
+
+
+class RunWriter:
+  """The run's files in its ``RunDirectory`` (nothing when there is none)."""
+
+  def __init__(self, run_dir: RunDirectory | None, files: dict[str, Any], checkpoint_every: int):
+    self.run_dir, self.files, self.every = run_dir, files, checkpoint_every
+    self.kept_rows: list = []  # rows of a resumed run up to its checkpoint
+    self.metrics = None
+    self.checkpointer = None
+
+  def restore(self, state, progress: _Progress, mesh, log):
+    """The newest readable checkpoint's state (and its rows), or ``state`` when none."""
+    self.checkpointer = Checkpointer(self.run_dir.path / 'checkpoints')
+    restored = self.checkpointer.restore_latest(state, log)
+    if restored is None:
+      log(f'no checkpoint in {self.checkpointer.directory}; starting at round 0')
+      return state
+    step, state, meta = restored
+    if mesh is not None:  # restored on one device; split the node axis again
+      state = sharding.put(state, sharding.state_shardings(state, mesh))
+    rows = [r for r in read_rows(self.run_dir.path / 'metrics.jsonl') if r['round'] <= step]
+    if not rows or rows[-1]['round'] != step:
+      raise CheckpointError(
+          f'--resume: {self.run_dir.path}/metrics.jsonl does not reach the checkpoint at round '
+          f'{step} (last row: {rows[-1]["round"] if rows else "none"}); it was cut or edited — '
+          'start a new run with another --out')
+    progress.rows, self.kept_rows = list(rows), list(rows)
+    progress.run_seconds, progress.node_steps = meta['run_seconds'], meta['node_steps']
+    log(f'resumed from the checkpoint at round {step}')
+    return state
+
+  def append(self, row: dict[str, Any], finite: bool) -> None:
+    if self.run_dir is None:
+      return
+    if self.metrics is None:  # the first row: the run's files appear (staged when fresh)
+      for name, value in self.files.items():
+        self.run_dir.write_json(name, value)
+      rundir.atomic_write(self.run_dir.work / 'metrics.jsonl',
+                          ''.join(json.dumps(r) + '\n' for r in self.kept_rows))
+      self.metrics = open(self.run_dir.work / 'metrics.jsonl', 'a')
+    self.metrics.write(json.dumps(row) + '\n')
+    self.metrics.flush()
+    if finite:
+      self.run_dir.promote()
+
+  def checkpoint(self, round_: int, state, progress: _Progress) -> None:
+    if not self.every or round_ % self.every:
+      return
+    if self.checkpointer is None:
+      self.checkpointer = Checkpointer(self.run_dir.path / 'checkpoints')
+    self.checkpointer.save(round_, state, {'run_seconds': progress.run_seconds,
+                                           'node_steps': progress.node_steps})
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    """Closes files, waits for the checkpoint in flight, writes summary.json.
+
+    A run that never promoted its staged files keeps ``--out`` as it was, unless
+    ``--out`` held nothing: then its files (and summary) land there.
+    """
+    if self.metrics is not None:
+      self.metrics.close()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
+    if self.run_dir is None:
+      return
+    if not self.run_dir.promoted and self.run_dir.nothing_to_lose():
+      self.run_dir.promote()
+    if self.run_dir.promoted:
+      self.run_dir.write_json('summary.json', summary)
+    else:
+      summary['kept_earlier_run'] = str(self.run_dir.path)
 
 
 def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:

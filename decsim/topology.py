@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 from flax import struct
+from decsim.errors import ConfigError
 
 Neighbours = list[np.ndarray]  # N sorted int64 arrays, self excluded
 
@@ -51,7 +52,7 @@ TOPOLOGIES = ('ring', 'torus', 'kregular', 'erdos_renyi', 'exponential', 'comple
 _MAX_TRIES = 32  # resamples of a random graph before giving up on connectivity
 
 
-class TopologyError(ValueError):
+class TopologyError(ConfigError):
   """A graph that cannot be built; the message names the problem and the fix."""
 
 

@@ -4,11 +4,10 @@ Writes ``DIR/study.json`` (``{"study", "runs": {label: summary}}``), a table on
 stdout and a PNG plot; each run's own files go into ``DIR/<label>/``.
 """
 
-import pathlib
 
 from absl import app, flags
 
-from decsim import studies
+from decsim import rundir, studies
 from launch import cli
 
 flags.DEFINE_string('study', None, 'Which study to run (see decsim/studies/__init__.py).')
@@ -18,19 +17,26 @@ FLAGS = flags.FLAGS
 
 
 def main(argv) -> None:
-  del argv
+  if len(argv) > 1:
+    fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
   if not FLAGS.study or not FLAGS.out:
     fail('--study and --out are required, e.g. --study=modest --out=runs/modest')
   try:
     run = studies.get_study(FLAGS.study)
   except ValueError as e:
     fail(str(e))
-  run(pathlib.Path(FLAGS.out).absolute(), quick=FLAGS.quick)
+  with cli.one_line_errors(PROG):
+    out = rundir.check_path(FLAGS.out)
+    cli.check_backend(PROG)
+    run(out, quick=FLAGS.quick)
+
+
+PROG = 'reproduce'
 
 
 def fail(message: str) -> None:
-  cli.fail(message, 'reproduce')
+  cli.fail(message, PROG)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(FLAGS, 'python -m launch.reproduce', PROG))

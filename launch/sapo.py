@@ -13,16 +13,18 @@ value exits with status 2 and one line naming the flag and the fix.
 
 import dataclasses
 import functools
-import pathlib
 import sys
 
 from absl import flags, logging
 
-from decsim.experiment import ConfigError
+from decsim import rundir
+from decsim.errors import ConfigError
 from decsim.rl import experiment
 from decsim.rl.experiment import SapoRunConfig
-from decsim.simulate import SimulationDiverged
+from launch import cli
 from launch.cli import fail, flags_parser, print_table
+
+PROG = 'decsim'
 
 _D = SapoRunConfig()
 # Own FlagValues, so that this launcher can be imported beside launch/simulate.py.
@@ -78,18 +80,20 @@ def main(argv) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments {" ".join(argv[1:])!r}: flags take the form --name=value')
   logging.set_verbosity(logging.ERROR)
-  config = config_from_flags()
-  try:
-    if FLAGS.study:
-      from decsim.studies import sapo as sapo_study
-      if FLAGS.seeds < 1:
-        raise ConfigError(f'--seeds={FLAGS.seeds} must be >= 1')
-      sapo_study.run_study(pathlib.Path(FLAGS.out).absolute(), config,
-                           seeds=tuple(range(config.seed, config.seed + FLAGS.seeds)))
-      return
-    summary = experiment.run(config, out_dir=pathlib.Path(FLAGS.out).absolute())
-  except (ConfigError, SimulationDiverged) as e:
-    fail(str(e))
+  with cli.one_line_errors(PROG):
+    _run(config_from_flags())
+
+
+def _run(config: SapoRunConfig) -> None:
+  out = rundir.check_path(FLAGS.out)
+  cli.check_backend(PROG)
+  if FLAGS.study:
+    from decsim.studies import sapo as sapo_study
+    if FLAGS.seeds < 1:
+      raise ConfigError(f'--seeds={FLAGS.seeds} must be >= 1')
+    sapo_study.run_study(out, config, seeds=tuple(range(config.seed, config.seed + FLAGS.seeds)))
+    return
+  summary = experiment.run(config, out_dir=out)
   print_table(summary, FLAGS.out, width=28)
 
 

@@ -26,6 +26,7 @@ import tempfile
 import zipfile
 
 import numpy as np
+from decsim.errors import ConfigError
 
 DATASETS = ('mnist1d', 'synthetic', 'mnist', 'fashion_mnist', 'cifar10', 'emnist')
 
@@ -45,7 +46,7 @@ _SYNTHETIC_MIN_PER_USER = 10  # leaves >= 2 test samples per user after the 20% 
 _SYNTHETIC_TEST_FRACTION = 0.2
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
   """A dataset or partition request that cannot be met; the message says how to fix it."""
 
 

@@ -7,22 +7,20 @@ run's ``config.json`` is its complete description. Rounds run in jit-compiled
 """
 
 import dataclasses
-import json
 import math
-import pathlib
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from decsim.experiment import ConfigError
+from decsim import interrupts, rundir, simulate
+from decsim.errors import ConfigError, SimulationDiverged
 from decsim.rl import base as base_lib
 from decsim.rl import grpo as grpo_lib
 from decsim.rl import policy as policy_lib
 from decsim.rl import sapo as sapo_lib
 from decsim.rl import tasks
-from decsim.simulate import SimulationDiverged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,54 +145,78 @@ def build(c: SapoRunConfig):
 
 
 def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, Any]:
-  """Runs SAPO; writes ``metrics.jsonl`` (a row per round), ``summary.json``, ``config.json``."""
-  policy, sapo, warmup, mix, source = build(c)
-  out = pathlib.Path(out_dir) if out_dir is not None else None
-  if out is not None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'config.json').write_text(json.dumps(dataclasses.asdict(c), indent=2) + '\n')
+  """Runs SAPO; writes ``metrics.jsonl`` (a row per round), ``summary.json``, ``config.json``.
 
+  ``out_dir`` is locked and staged like a ``decsim`` run (``decsim.rundir``): an
+  earlier run there is replaced only once this one has a finite chunk of rows.
+  """
+  policy, sapo, warmup, mix, source = build(c)
+  run_dir = rundir.RunDirectory(out_dir, resume=False) if out_dir is not None else None
+  writer = simulate.RunWriter(run_dir, {'config.json': dataclasses.asdict(c)}, 0)
+  progress = {'rows': [], 'run_seconds': 0.0, 'status': 'completed', 'error': None}
+  timings, state = {'warmup_seconds': 0.0, 'compile_seconds': 0.0}, None
+  try:
+    with interrupts.deferred():
+      state = _prepare(c, policy, sapo, warmup, mix, source, cache_dir, log, timings)
+      for _ in range(c.rounds // c.log_every):
+        state = _sapo_chunk(c, _compiled_chunk(c, sapo, state), state, progress, writer, log)
+  except BaseException as e:
+    progress['status'], progress['error'] = simulate.ending(e)
+    raise
+  finally:
+    summary = _sapo_summary(c, progress, state, timings)
+    writer.finish(summary)
+    if run_dir is not None:
+      run_dir.discard()
+      run_dir.release()
+  return summary
+
+
+def _prepare(c, policy, sapo, warmup, mix, source, cache_dir, log, timings):
+  """The base models (warm-up) and the compiled chunk; returns the initial state."""
   t0 = time.perf_counter()
   params = base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
                                 cache_dir=cache_dir, source=source, log=log)
   jax.block_until_ready(params)
-  warmup_seconds = time.perf_counter() - t0
-
+  timings['warmup_seconds'] = time.perf_counter() - t0
+  simulate.stop_if_requested('during the warm-up')
   t0 = time.perf_counter()
   state = sapo.init(jax.random.key(c.seed), params)
-  chunk = _compiled_chunk(c, sapo, state)
-  compile_seconds = time.perf_counter() - t0
+  _compiled_chunk(c, sapo, state)
+  timings['compile_seconds'] = time.perf_counter() - t0
+  simulate.stop_if_requested('while compiling')
+  return state
 
-  rows, run_seconds, status = [], 0.0, 'completed'
-  metrics_file = open(out / 'metrics.jsonl', 'w') if out is not None else None
-  try:
-    for _ in range(c.rounds // c.log_every):
-      t = time.perf_counter()
-      state, m = chunk(state)
-      m = jax.device_get(m)
-      run_seconds += time.perf_counter() - t
-      first = len(rows) + 1
-      new = [_row(first + k, m, k) for k in range(c.log_every)]
-      rows += new
-      if metrics_file:
-        metrics_file.write(''.join(json.dumps(r) + '\n' for r in new))
-        metrics_file.flush()
-      recent = np.mean([r['reward'] for r in new])
-      log(f'round {rows[-1]["round"]:>6}/{c.rounds}  reward {recent:.4f} (last {c.log_every})  '
-          f'loss {rows[-1]["loss"]:.4f}  {len(rows) / max(run_seconds, 1e-9):6.1f} rounds/s')
-      if not math.isfinite(rows[-1]['loss']):
-        status = 'diverged'
-        raise SimulationDiverged(f'GRPO diverged by round {rows[-1]["round"]}: the loss is not '
-                                 f'finite; lower --lr (metrics so far are in {out or "memory"})')
-  finally:
-    if metrics_file:
-      metrics_file.close()
-    summary = summarize(rows, int(np.asarray(state.bytes_shared).sum()) if rows else 0, c)
-    summary.update(status=status, warmup_seconds=warmup_seconds, compile_seconds=compile_seconds,
-                   wall_seconds=run_seconds,
-                   rounds_per_second=len(rows) / run_seconds if run_seconds > 0 else None)
-    if out is not None:
-      (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+
+def _sapo_chunk(c, chunk, state, progress, writer, log):
+  t = time.perf_counter()
+  state, m = chunk(state)
+  m = jax.device_get(m)
+  progress['run_seconds'] += time.perf_counter() - t
+  rows = progress['rows']
+  new = [_row(len(rows) + 1 + k, m, k) for k in range(c.log_every)]
+  rows += new
+  finite = all(math.isfinite(r['loss']) for r in new)
+  for r in new:
+    writer.append(r, finite)
+  recent = np.mean([r['reward'] for r in new])
+  log(f'round {rows[-1]["round"]:>6}/{c.rounds}  reward {recent:.4f} (last {c.log_every})  '
+      f'loss {rows[-1]["loss"]:.4f}  {len(rows) / max(progress["run_seconds"], 1e-9):6.1f} rounds/s')
+  if not finite:
+    raise SimulationDiverged(f'GRPO diverged by round {rows[-1]["round"]}: the loss is not '
+                             'finite; lower --lr')
+  simulate.stop_if_requested(f'at round {rows[-1]["round"]}')
+  return state
+
+
+def _sapo_summary(c, progress, state, timings) -> dict[str, Any]:
+  rows, run_seconds = progress['rows'], progress['run_seconds']
+  shared = int(np.asarray(state.bytes_shared).sum()) if rows and state is not None else 0
+  summary = summarize(rows, shared, c)
+  summary.update(status=progress['status'], **timings, wall_seconds=run_seconds,
+                 rounds_per_second=len(rows) / run_seconds if run_seconds > 0 else None)
+  if progress['error']:
+    summary['error'] = progress['error']
   return summary
 
 

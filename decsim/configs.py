@@ -1,0 +1,189 @@
+"""The components of an experiment's configuration, one frozen dataclass each.
+
+Every field is declared once with ``decsim.config.option`` (default, help, range,
+choices); the flags of ``decsim`` and their groups in ``--helpfull`` are generated
+from these classes, and every value is checked when a config is made, whether or
+not its feature is switched on. ``Component.__post_init__`` runs the field checks
+and then each component's ``check`` for combinations of fields.
+"""
+
+import dataclasses
+
+from decsim import mixing
+from decsim.config import Component, check, option
+from decsim.data.sources import DATASETS
+from decsim.models import MODELS
+from decsim.protocols import gossip, modest
+from decsim.protocols.fedavg import WEIGHTINGS
+from decsim.topology import TOPOLOGIES
+
+MAX_SEED = 2 ** 31 - 1
+MAX_LOCAL_STEPS = 100_000  # per node per round: a scan of this length is compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Component):
+  """Data and its partition over nodes."""
+
+  dataset: str = option('mnist1d', 'mnist1d (embedded, generated locally), synthetic (LEAF), '
+                        'or a prepared TFDS dataset: mnist, fashion_mnist, cifar10, emnist.',
+                        choices=DATASETS)
+  num_samples: int = option(10_000, 'Samples generated (mnist1d, synthetic; 80/20 train/test) '
+                            'or the train subset of a real dataset (0: all).', low=0,
+                            hint='(0: the whole dataset)')
+  data_dir: str | None = option(None, 'TFDS data directory of the real datasets.')
+  partition: str = option('dirichlet', 'How samples are split over nodes.',
+                          choices=('iid', 'dirichlet', 'shards', 'natural'))
+  alpha: float = option(0.5, 'Dirichlet concentration of the label skew (small: skewed).',
+                        low=0, low_open=True, hint='(small: label skew; large: near IID)')
+  shards_per_node: int = option(2, 'Label shards per node (--partition=shards).', low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Component):
+  """Model."""
+
+  model: str = option('lenet', 'logistic, mlp, lenet (LeNet-5) or gn_lenet.',
+                      choices=MODELS)
+  init: str = option('shared', 'shared: one model for all nodes; independent: a draw each.',
+                     choices=('shared', 'independent'))
+  param_dtype: str = option('float32', 'Dtype of stored params, optimiser state and model '
+                            'transfers (bytes); compute stays float32.',
+                            choices=('float32', 'bfloat16'))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Component):
+  """Local training."""
+
+  local_steps: int = option(5, 'Local minibatch steps per round.', low=1, high=MAX_LOCAL_STEPS)
+  local_epochs: float = option(0.0, 'Local epochs per round; > 0 overrides --local_steps (each '
+                               'node ceil(E * its samples / batch) steps).', low=0, high=1000,
+                               hint='(0: use --local_steps)')
+  batch_size: int = option(32, 'Local minibatch size.', low=1, high=65_536)
+  optimizer: str = option('sgd', 'Local optimiser.', choices=('sgd', 'adam'))
+  lr: float = option(0.05, 'Local learning rate.', low=0, low_open=True)
+  momentum: float = option(0.9, 'SGD momentum (0: plain SGD).', low=0, high=1, high_open=True)
+  node_chunk: int = option(-1, 'Nodes per vectorised chunk of local training: -1 auto (by model '
+                           'on CPU, one vmap on GPU), 0 one vmap, k > 0 chunks of k.', low=-1,
+                           hint='(-1: auto, 0: one vmap, k: chunks of k)')
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologyConfig(Component):
+  """Graph of the decentralized protocols."""
+
+  topology: str = option('kregular', 'D-PSGD graph (and gossip --gossip_peers=neighbour).',
+                         choices=(*TOPOLOGIES, 'one_peer_exponential'))
+  degree: int = option(4, 'Degree of the kregular graph.', low=1)
+  edge_probability: float = option(0.1, 'Edge probability (erdos_renyi).', low=0, high=1,
+                                   low_open=True)
+  mixing: str = option('auto', 'auto, dense (W @ params) or sparse (neighbour slots).',
+                       choices=('auto', 'dense', 'sparse'))
+
+
+@dataclasses.dataclass(frozen=True)
+class VarianceConfig(Component):
+  """Variance correction after averaging (Tian et al. 2024)."""
+
+  variance_correction: str = option('none', 'Rescale layers after averaging (gossip, dpsgd, '
+                                    'fedavg, modest) to a target variance.',
+                                    choices=('none', *mixing.VC_TARGETS))
+  vc_biases: bool = option(False, 'Variance correction of bias vectors too.')
+  vc_unbiased: bool = option(False, 'Variance correction with ddof=1 variances.')
+  vc_epsilon: float = option(1e-12, 'Variance correction: floor of the variance.', low=0,
+                             low_open=True)
+  vc_ratio: float = option(1.0, 'Variance correction: fraction of the way to the target std '
+                           '(1: full).', low=0, high=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Component):
+  """Run: nodes, rounds, evaluation, seeds, checkpoints, devices."""
+
+  protocol: str = option('fedavg', 'The protocol to simulate (see the README).',
+                         choices=('fedavg', 'dpsgd', 'gossip', 'modest'))
+  nodes: int = option(100, 'Number of nodes N.', low=1, high=100_000_000)
+  rounds: int = option(300, 'Rounds to run (a multiple of --eval_every).', low=1,
+                       high=2 ** 31 - 1)
+  eval_every: int = option(20, 'Rounds per jit-compiled chunk between evaluations.', low=1)
+  eval_nodes: int = option(10, 'Decentralized protocols: individual nodes evaluated (evenly '
+                           'spaced ids; all when fewer).', low=0)
+  target_accuracy: float = option(0.8, 'Accuracy for *_to_target in summary.json.', low=0,
+                                  high=1)
+  seed: int = option(0, 'Seed of data, partition, graph, init and every draw.', low=0,
+                     high=MAX_SEED)
+  replicas: int = option(1, 'Run R seeds (seed, seed+1, ...) of this configuration as one '
+                         'vmapped simulation; rows report mean, std, values.', low=1, high=1024)
+  checkpoint_every: int = option(0, 'Save an orbax checkpoint every this many rounds into '
+                                 'OUT/checkpoints (0: off; a multiple of --eval_every).', low=0)
+  resume: bool = option(False, 'Continue the run in --out from its newest readable checkpoint.')
+  devices: int = option(1, "Devices the node axis is split over (1: one; 0: all, every "
+                        "host's); --nodes must be a multiple of it.", low=0)
+
+  def check(self):
+    check(self.rounds % self.eval_every == 0,
+          f'--rounds={self.rounds} is not a multiple of --eval_every={self.eval_every}: '
+          'make it one (rounds run in chunks of eval_every)')
+    check(self.checkpoint_every % self.eval_every == 0,
+          f'--checkpoint_every={self.checkpoint_every} must be 0 (off) or a multiple of '
+          f'--eval_every={self.eval_every}')
+    check(self.seed + self.replicas - 1 <= MAX_SEED,
+          f'--seed={self.seed} with --replicas={self.replicas} runs seeds up to '
+          f'{self.seed + self.replicas - 1}; seeds must be at most {MAX_SEED}')
+    check(self.replicas == 1 or self.devices == 1,
+          f'--replicas={self.replicas} cannot be combined with --devices={self.devices}: run '
+          'replicas on one device or shard one replica')
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig(Component):
+  """FedAvg and MoDeST: sampled clients."""
+
+  sample_size: int = option(10, 'FedAvg and MoDeST: clients sampled per round (s).', low=1)
+  weighting: str = option('data_size', 'FedAvg aggregation weights.',
+                          choices=WEIGHTINGS)
+  success_fraction: float = option(1.0, 'FedAvg/MoDeST: aggregate once ceil(sf * s) models '
+                                   'arrived; later ones are ignored.', low=0, high=1,
+                                   low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModestConfig(Component):
+  """MoDeST (de Vos et al. 2023)."""
+
+  aggregators: int = option(1, 'MoDeST: aggregators per round (a).', low=1)
+  ping_timeout: float = option(2.0, 'MoDeST: simulated seconds a ping to a crashed candidate '
+                               'costs.', low=0)
+  inactivity_threshold: int = option(20, 'MoDeST: rounds without activity after which a node '
+                                     'leaves the samples.', low=1)
+  views: str = option('global', "MoDeST: one global view (fast) or every node's own view, an "
+                      '[N, N] matrix merged on every transfer.', choices=modest.VIEWS)
+
+
+@dataclasses.dataclass(frozen=True)
+class GossipConfig(Component):
+  """Gossip learning (Ormandi et al. 2013)."""
+
+  gossip_delta: int = option(10, "Gossip: mean ticks between a node's wake-ups (Delta).", low=1)
+  gossip_wake: str = option('uniform', 'Gossip wake-up jitter: uniform (0.8-1.2 Delta) or '
+                            'exponential (mean Delta).', choices=gossip.WAKES)
+  gossip_peers: str = option('random', 'Gossip push target: random (any node), neighbour (one '
+                             '--topology neighbour) or all_neighbours.',
+                             choices=gossip.PEERS)
+  gossip_merge: str = option('half', 'Gossip merge: age (age-weighted), half (0.5 self + 0.5 '
+                             'mean received), beta, replace (mean received).',
+                             choices=gossip.MERGES)
+  gossip_beta: float = option(0.5, 'Gossip --gossip_merge=beta: weight of the own model.',
+                              low=0, high=1)
+  gossip_buffer: int = option(1, 'Gossip: merge once this many models are held (1: on every '
+                              'arrival).', low=1)
+  gossip_partitions: int = option(1, 'Gossip model partitioning: send one of K partitions '
+                                  '(1: whole models).', low=1)
+  gossip_keep: float = option(1.0, 'Gossip sampling compression: send each weight with this '
+                              'probability (1: all).', low=0, high=1, low_open=True)
+  gossip_max_active: int = option(0, 'Gossip: model rows merged and trained per tick (0: all '
+                                  'N, masked).', low=0)
+  tick_seconds: float = option(1.0, 'Gossip: simulated seconds per tick (round).', low=0,
+                               low_open=True)
+
