@@ -11,6 +11,8 @@ A checkpoint that cannot be read (partial write, corruption) is reported in one
 line and the previous one is tried.
 """
 
+import contextlib
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +49,21 @@ def from_arrays(arrays: dict[str, Any], like: SimState) -> SimState:
   return jax.tree.unflatten(treedef, restored)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax logs an error (with a traceback) for each unreadable checkpoint it is asked to
+  read; the fallback reports that in one line of its own instead."""
+  loggers = [logging.getLogger(name) for name in ('absl', 'orbax')]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 class Checkpointer:
   """Saves every ``every`` rounds into ``directory`` (absolute), keeping ``max_to_keep``."""
 
@@ -63,6 +80,10 @@ class Checkpointer:
   def restore_latest(self, like: SimState, log: Callable[[str], None]
                      ) -> tuple[int, SimState, dict[str, Any]] | None:
     """The newest readable checkpoint as ``(round, state, meta)``, or None if there is none."""
+    with _quiet_orbax():
+      return self._restore_latest(like, log)
+
+  def _restore_latest(self, like, log):
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_arrays(like))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:

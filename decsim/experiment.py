@@ -20,7 +20,7 @@ from decsim import churn as churn_lib
 from decsim import metrics as metrics_lib
 from decsim import mixing
 from decsim import network as network_lib
-from decsim import rundir, sharding, simulate
+from decsim import interrupts, rundir, sharding, simulate
 from decsim.config import check
 from decsim.configs import (MAX_LOCAL_STEPS, DataConfig, FedAvgConfig, GossipConfig, ModelConfig,
                             ModestConfig, RunConfig, TopologyConfig, TrainConfig, VarianceConfig)
@@ -312,7 +312,11 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
   if out_dir is None and (c.resume or c.checkpoint_every):
     raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
   validate(c)
-  run_dir = rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None
+  with interrupts.deferred():
+    return _run_in(rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None, c, log)
+
+
+def _run_in(run_dir: rundir.RunDirectory | None, c: ExperimentConfig, log) -> dict[str, Any]:
   try:
     if c.resume:
       check_resume(run_dir.path, c)

@@ -150,8 +150,8 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes, targe
   except BaseException as e:
     progress.status, progress.error = ending(e)
     writer.finish(_summary(progress, target_accuracy, mesh))
-    if run_dir is not None and not run_dir.promoted:
-      e.kept_earlier_run = run_dir.path  # launchers say the earlier run is unchanged
+    if writer.kept_earlier_run:
+      e.kept_earlier_run = writer.kept_earlier_run  # launchers say it is unchanged
     raise
   summary = _summary(progress, target_accuracy, mesh)
   writer.finish(summary)
@@ -237,6 +237,7 @@ class RunWriter:
     self.kept_rows: list = []  # rows of a resumed run up to its checkpoint
     self.metrics = None
     self.checkpointer = None
+    self.kept_earlier_run = None  # set when this run left an earlier one as it was
 
   def restore(self, state, progress: _Progress, mesh, log):
     """The newest readable checkpoint's state (and its rows), or ``state`` when none."""
@@ -263,15 +264,18 @@ class RunWriter:
     if self.run_dir is None:
       return
     if self.metrics is None:  # the first row: the run's files appear (staged when fresh)
-      for name, value in self.files.items():
-        self.run_dir.write_json(name, value)
-      rundir.atomic_write(self.run_dir.work / 'metrics.jsonl',
-                          ''.join(json.dumps(r) + '\n' for r in self.kept_rows))
-      self.metrics = open(self.run_dir.work / 'metrics.jsonl', 'a')
+      self._open_files()
     self.metrics.write(json.dumps(row) + '\n')
     self.metrics.flush()
     if finite:
       self.run_dir.promote()
+
+  def _open_files(self) -> None:
+    for name, value in self.files.items():
+      self.run_dir.write_json(name, value)
+    rundir.atomic_write(self.run_dir.work / 'metrics.jsonl',
+                        ''.join(json.dumps(r) + '\n' for r in self.kept_rows))
+    self.metrics = open(self.run_dir.work / 'metrics.jsonl', 'a')
 
   def checkpoint(self, round_: int, state, progress: _Progress) -> None:
     if not self.every or round_ % self.every:
@@ -287,18 +291,22 @@ class RunWriter:
     A run that never promoted its staged files keeps ``--out`` as it was, unless
     ``--out`` held nothing: then its files (and summary) land there.
     """
-    if self.metrics is not None:
-      self.metrics.close()
     if self.checkpointer is not None:
       self.checkpointer.close()
     if self.run_dir is None:
       return
-    if not self.run_dir.promoted and self.run_dir.nothing_to_lose():
+    wrote = self.metrics is not None
+    if not self.run_dir.promoted or (self.run_dir.resume and not wrote):
+      if not self.run_dir.nothing_to_lose():
+        self.kept_earlier_run = self.run_dir.path
+        if wrote:
+          self.metrics.close()
+        return
+      if not wrote:  # a run stopped before its first row: its config and status, no rows
+        self._open_files()
       self.run_dir.promote()
-    if self.run_dir.promoted:
-      self.run_dir.write_json('summary.json', summary)
-    else:
-      summary['kept_earlier_run'] = str(self.run_dir.path)
+    self.metrics.close()
+    self.run_dir.write_json('summary.json', summary)
 
 
 def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -39,9 +39,11 @@ def _kept(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def one_line_errors(prog: str = 'decsim'):
-  """Runs the block; every failure becomes one line on stderr and an exit status."""
+  """Runs the block with SIGINT/SIGTERM deferred to the run loop's next boundary
+  (``decsim.interrupts``); every failure becomes one line on stderr and an exit status."""
   try:
-    yield
+    with interrupts.deferred():
+      yield
   except RunInterrupted as e:
     print(f'{prog}: error: {e}{_kept(e)}', file=sys.stderr)
     sys.exit(interrupts.exit_status(e.signum))
