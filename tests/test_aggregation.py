@@ -84,8 +84,9 @@ def _rows_and_weights(draw, min_rows=1, max_rows=7):
   s = draw(st.integers(min_rows, max_rows))
   shape = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
   # No subnormals: XLA on CPU flushes them to zero in arithmetic, numpy does not.
-  values = draw(st.lists(st.floats(-100, 100, width=32, allow_subnormal=False), min_size=s * int(np.prod(shape)),
-                         max_size=s * int(np.prod(shape))))
+  size = s * int(np.prod(shape))
+  values = draw(st.lists(st.floats(-100, 100, width=32, allow_subnormal=False), min_size=size,
+                         max_size=size))
   weights = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=s, max_size=s))
   weights[draw(st.integers(0, s - 1))] = 1.0  # at least one row counts
   return np.asarray(values, np.float32).reshape((s, *shape)), np.asarray(weights, np.float32)

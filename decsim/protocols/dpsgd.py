@@ -36,7 +36,8 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
           variance_correction: mixing.VarianceCorrection | None = None,
           merge: MergeFn | None = None) -> Protocol:
   """D-PSGD; ``merge(graph, params, alive)`` replaces the default merge, the W-mix
-  ``mixing.mix_corrected`` with ``variance_correction`` and ``mixing_mode``."""
+  ``mixing.mix_corrected`` with ``variance_correction`` and ``mixing_mode``. Messages
+  and simulated time still follow ``topology`` whatever the merge does."""
   if merge is not None and variance_correction is not None:
     raise ValueError('dpsgd: pass variance_correction or merge, not both (the default merge '
                      'applies it; a custom merge must do its own)')
