@@ -9,7 +9,8 @@ stochastic matrix (Metropolis-Hastings weights of a graph) or a time-varying one
 such as the one-peer exponential graph of MoDeST's baseline. Offline nodes
 neither train, send nor receive; live rows renormalise over live neighbours.
 Optionally each mix is followed by variance correction (Tian et al. 2024, see
-``decsim.mixing.variance_correct``).
+``decsim.mixing.variance_correct``). The merge step is an operator
+(``decsim.aggregation.MergeFn``) that a caller may replace.
 """
 
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from decsim import mixing
+from decsim.aggregation import MergeFn, mixing_merge
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, model_messages, uniform_network
 from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
@@ -31,7 +33,15 @@ TopologyFn = Callable[[jax.Array], Topology]  # round -> graph of that round
 
 def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
           mixing_mode: str = 'auto', network: Network | None = None,
-          variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
+          variance_correction: mixing.VarianceCorrection | None = None,
+          merge: MergeFn | None = None) -> Protocol:
+  """D-PSGD; ``merge(graph, params, alive)`` replaces the default merge, the W-mix
+  ``mixing.mix_corrected`` with ``variance_correction`` and ``mixing_mode``. Messages
+  and simulated time still follow ``topology`` whatever the merge does."""
+  if merge is not None and variance_correction is not None:
+    raise ValueError('dpsgd: pass variance_correction or merge, not both (the default merge '
+                     'applies it; a custom merge must do its own)')
+  merge = merge if merge is not None else mixing_merge(variance_correction, mixing_mode)
   topology_at = topology if callable(topology) else (lambda r: topology)
   network = network if network is not None else uniform_network(nodes)
   model_bytes = learner.model_bytes()
@@ -53,7 +63,7 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
     graph = mixing.renormalize(topology_at(r), alive)
     # With variance_correction, each live node's layers are rescaled after mixing
     # to the (plain or W-weighted) mean variance of the models it averaged.
-    params = mixing.mix_corrected(graph, params, variance_correction, mixing_mode, where=alive)
+    params = merge(graph, params, alive)
 
     sent = _models_sent_per_node(graph)  # [N]
     steps = jnp.where(alive, result.steps, 0)  # [N]

@@ -15,22 +15,31 @@ ceil(sf * s) fastest, and ignores the rest of that round's models.
 
 Optionally the new global model is variance-corrected (Tian et al. 2024, see
 ``decsim.mixing.variance_correct``) to the mean variance of the accepted client models.
+
+The aggregation rule and the server's update are pluggable (``decsim.aggregation``):
+a robust aggregate (coordinate-wise median or trimmed mean, Yin et al., ICML 2018)
+can replace the weighted mean, and a server optimizer (FedAvgM, FedAdam, FedYogi,
+FedAdagrad; Reddi et al., ICLR 2021) can step the global model along the
+pseudo-gradient ``global - aggregate`` instead of replacing it. The defaults are
+plain FedAvg, bitwise. The order is aggregate, variance-correct, server step.
 """
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 
-from decsim import mixing
+from decsim import aggregation, mixing
+from decsim.aggregation import AggState, Aggregator, ServerOptimizer
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, model_messages, uniform_network
-from decsim.protocols.base import (Learner, Protocol, broadcast, sample_available, train_nodes,
-                                   weighted_average)
+from decsim.protocols.base import Learner, Protocol, broadcast, sample_available, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
-from decsim.types import Params, PRNGKey
+from decsim.types import Params, PRNGKey, Stacked
 
 WEIGHTINGS = ('data_size', 'uniform')
 
@@ -38,19 +47,34 @@ WEIGHTINGS = ('data_size', 'uniform')
 @struct.dataclass
 class FedAvgState:
   global_params: Params  # the server model
+  server_opt_state: optax.OptState = ()  # () when the aggregate replaces the global model
+  aggregator_state: AggState = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Server:
+  """The server's static configuration, closed over by the round."""
+
+  aggregator: Aggregator
+  optimizer: ServerOptimizer
+  tx: optax.GradientTransformation  # optimizer.transformation(), built once
+  variance_correction: mixing.VarianceCorrection | None
 
 
 def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = 'data_size',
            network: Network | None = None, server: int = 0,
            success_fraction: float = 1.0,
-           variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
-  if not 1 <= sample_size <= nodes:
-    raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f'unknown weighting {weighting!r}: choose one of {", ".join(WEIGHTINGS)}')
-  if not 0 < success_fraction <= 1:
-    raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
+           variance_correction: mixing.VarianceCorrection | None = None,
+           aggregator: Aggregator | None = None,
+           server_optimizer: ServerOptimizer | None = None) -> Protocol:
+  """FedAvg; ``aggregator`` (default the weighted mean) combines the accepted client
+  models and ``server_optimizer`` (default: the aggregate is the new global model)
+  steps the global model towards it (see ``decsim.aggregation``)."""
+  _check_config(nodes, sample_size, weighting, success_fraction)
   network = network if network is not None else uniform_network(nodes)
+  optimizer = server_optimizer if server_optimizer is not None else ServerOptimizer()
+  config = _Server(aggregator if aggregator is not None else aggregation.mean(), optimizer,
+                   optimizer.transformation(), variance_correction)
   model_bytes = learner.model_bytes()
   wait_for = math.ceil(success_fraction * sample_size)
 
@@ -59,7 +83,7 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
     # Node rows hold each client's last local model; they start as the global one.
     node_states = NodeState(params=broadcast(global_params, nodes), opt_state=())
-    return init_sim_state(key, node_states, FedAvgState(global_params))
+    return init_sim_state(key, node_states, _init_server(config, global_params))
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r = state.round
@@ -71,38 +95,17 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
-    finish = (network.transfer_seconds(server, ids, model_bytes)
-              + network.compute_seconds(ids, steps * learner.batch_size)
-              + network.transfer_seconds(ids, server, model_bytes))  # [s]
-    finish = jnp.where(valid, finish, jnp.inf)
+    finish = _finish_seconds(network, server, ids, steps * learner.batch_size, model_bytes)
+    accepted, seconds = _accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
+    weights = _client_weights(data.sizes[ids], weighting, accepted)  # [s]
     n_valid = jnp.sum(valid, dtype=jnp.int32)
-    # The server aggregates the first ceil(sf * s) models to arrive (all, if fewer came).
-    arrival_rank = jnp.argsort(jnp.argsort(finish))  # [s]
-    accepted = valid & (arrival_rank < jnp.minimum(wait_for, n_valid))
-    seconds = jnp.max(jnp.where(accepted, finish, 0.0))
-
-    sizes = data.sizes[ids].astype(jnp.float32)  # [s]
-    weights = (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * accepted
-    any_accepted = jnp.any(accepted)
-    averaged = weighted_average(result.params, jnp.where(any_accepted, weights, 1.0))
-    if variance_correction is not None:
-      averaged = _correct(variance_correction, averaged, state.extra.global_params,
-                          result.params, jnp.where(any_accepted, weights, 1.0),
-                          jnp.where(any_accepted, accepted, True))
-    new_global = jax.tree.map(
-        lambda new, old: jnp.where(any_accepted, new, old), averaged, state.extra.global_params)
-
-    scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
-    node_params = jax.tree.map(lambda all_, new: all_.at[scatter_ids].set(new, mode='drop'),
-                               state.nodes.params, result.params)
-    sent = (state.sent.at[scatter_ids, MODEL].add(1, mode='drop')  # uploads
-            .at[server, MODEL].add(n_valid))  # the server's downloads
     state = state.replace(
         round=r + 1,
-        nodes=state.nodes.replace(params=node_params),
+        nodes=state.nodes.replace(
+            params=_scatter_clients(state.nodes.params, result.params, ids, valid)),
         clock=state.clock + seconds,
-        sent=sent,
-        extra=FedAvgState(new_global))
+        sent=_count_sent(state.sent, ids, valid, server),
+        extra=_aggregate(config, state.extra, result.params, weights, accepted))
     metrics = RoundMetrics(
         train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
         sim_seconds=seconds,
@@ -115,6 +118,82 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     return state.extra.global_params
 
   return Protocol(init, round_, model)
+
+
+def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:
+  if not 1 <= sample_size <= nodes:
+    raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown weighting {weighting!r}: choose one of {", ".join(WEIGHTINGS)}')
+  if not 0 < success_fraction <= 1:
+    raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
+
+
+def _init_server(config: _Server, global_params: Params) -> FedAvgState:
+  opt_state = () if config.optimizer.replaces_global else config.tx.init(global_params)
+  return FedAvgState(global_params, opt_state, config.aggregator.init(global_params))
+
+
+def _finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.Array,
+                    model_bytes: int) -> jax.Array:
+  """When each client's model reaches the server: download, training, upload [s]."""
+  return (network.transfer_seconds(server, ids, model_bytes)
+          + network.compute_seconds(ids, samples)
+          + network.transfer_seconds(ids, server, model_bytes))  # [s]
+
+
+def _accepted(finish: jax.Array, valid: jax.Array, wait_for: int) -> tuple[jax.Array, jax.Array]:
+  """The server aggregates the first ceil(sf * s) models to arrive (all, if fewer came).
+
+  ``finish`` [s] is each client's arrival time (inf for invalid draws); returns the
+  accepted mask [s] and the round's duration, the last accepted arrival.
+  """
+  n_valid = jnp.sum(valid, dtype=jnp.int32)
+  arrival_rank = jnp.argsort(jnp.argsort(finish))  # [s]
+  accepted = valid & (arrival_rank < jnp.minimum(wait_for, n_valid))
+  return accepted, jnp.max(jnp.where(accepted, finish, 0.0))
+
+
+def _client_weights(sizes: jax.Array, weighting: str, accepted: jax.Array) -> jax.Array:
+  """Aggregation weights [s]: data size n_k or 1 for accepted clients, 0 for the rest."""
+  sizes = sizes.astype(jnp.float32)  # [s]
+  return (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * accepted
+
+
+def _aggregate(config: _Server, server: FedAvgState, clients: Stacked, weights: jax.Array,
+               accepted: jax.Array) -> FedAvgState:
+  """The next server state from the client models [s, ...]; unchanged when no
+  model was accepted (the aggregate of nothing is then computed over all rows and
+  discarded, so that it stays finite)."""
+  any_accepted = jnp.any(accepted)
+  weights = jnp.where(any_accepted, weights, 1.0)  # [s]
+  aggregate, agg_state = config.aggregator.apply(clients, weights, server.aggregator_state)
+  if config.variance_correction is not None:
+    aggregate = _correct(config.variance_correction, aggregate, server.global_params, clients,
+                         weights, jnp.where(any_accepted, accepted, True))
+  if config.optimizer.replaces_global:
+    new_global, opt_state = aggregate, server.server_opt_state
+  else:
+    new_global, opt_state = aggregation.server_step(config.tx, server.server_opt_state,
+                                                    server.global_params, aggregate)
+  new = FedAvgState(new_global, opt_state, agg_state)
+  return jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
+
+
+def _scatter_clients(node_params: Stacked, clients: Stacked, ids: jax.Array,
+                     valid: jax.Array) -> Stacked:
+  """Node rows [N, ...] with the valid clients' models [s, ...] written to rows ``ids``."""
+  nodes = jax.tree.leaves(node_params)[0].shape[0]
+  scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
+  return jax.tree.map(lambda all_, new: all_.at[scatter_ids].set(new, mode='drop'),
+                      node_params, clients)
+
+
+def _count_sent(sent: jax.Array, ids: jax.Array, valid: jax.Array, server: int) -> jax.Array:
+  """One upload per valid client, and the server's download to each: sent [N, K]."""
+  scatter_ids = jnp.where(valid, ids, sent.shape[0])  # invalid draws are dropped
+  return (sent.at[scatter_ids, MODEL].add(1, mode='drop')  # uploads
+          .at[server, MODEL].add(jnp.sum(valid, dtype=jnp.int32)))  # the server's downloads
 
 
 def _correct(vc: mixing.VarianceCorrection, averaged: Params, old_global: Params,
