@@ -9,8 +9,9 @@ and then each component's ``check`` for combinations of fields.
 
 import dataclasses
 
-from decsim import mixing
+from decsim import aggregation, mixing
 from decsim.config import Component, check, option
+from decsim.errors import ConfigError
 from decsim.data.sources import DATASETS
 from decsim.models import MODELS
 from decsim.protocols import gossip, modest
@@ -146,6 +147,28 @@ class FedAvgConfig(Component):
   success_fraction: float = option(1.0, 'FedAvg/MoDeST: aggregate once ceil(sf * s) models '
                                    'arrived; later ones are ignored.', low=0, high=1,
                                    low_open=True)
+  aggregator: str = option('mean', 'FedAvg server aggregation: mean (weighted), median '
+                           '(coordinate-wise) or trimmed_mean (Yin et al. 2018).',
+                           choices=aggregation.AGGREGATORS)
+  trim_fraction: float = option(0.1, '--aggregator=trimmed_mean: fraction of the lowest and of '
+                                'the highest values dropped per coordinate.', low=0, high=0.5,
+                                high_open=True)
+  server_optimizer: str = option('sgd', 'FedAvg server optimizer on the pseudo-gradient (Reddi '
+                                 'et al. 2021); sgd with --server_lr=1 is plain FedAvg.',
+                                 choices=aggregation.SERVER_OPTIMIZERS)
+  server_lr: float = option(1.0, 'Server learning rate.', low=0, low_open=True)
+  server_momentum: float = option(0.0, 'Server momentum (--server_optimizer=sgd or momentum).',
+                                  low=0, high=1, high_open=True)
+
+  def check(self):
+    self.server()
+
+  def server(self) -> aggregation.ServerOptimizer:
+    try:
+      return aggregation.ServerOptimizer(self.server_optimizer, self.server_lr,
+                                         self.server_momentum)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)

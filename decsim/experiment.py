@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decsim import aggregation
 from decsim import churn as churn_lib
 from decsim import metrics as metrics_lib
 from decsim import mixing
@@ -165,7 +166,9 @@ def make_protocol(c: ExperimentConfig, learner: Learner) -> Protocol:
   if c.protocol == 'fedavg':
     protocol = fedavg(learner, nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting,
                       network=network, server=network_lib.lowest_median_latency_node(network),
-                      success_fraction=c.success_fraction, variance_correction=vc)
+                      success_fraction=c.success_fraction, variance_correction=vc,
+                      aggregator=aggregation.make_aggregator(c.aggregator, c.trim_fraction),
+                      server_optimizer=c.server())
   elif c.protocol == 'modest':
     protocol = modest(learner, nodes=c.nodes, sample_size=c.sample_size,
                       aggregators=c.aggregators, success_fraction=c.success_fraction,
