@@ -38,6 +38,10 @@ neither trains nor answers, which is what ``sf < 1`` and the ping timeout are fo
   never gathers ``ceil(sf * s)`` models). Without churn both modes give the same
   models, clock and model/view messages (tested).
 
+Every aggregator applies ``aggregate(models [s, ...], weights [s]) -> params`` to the
+models it took (weight 1) and the rest (weight 0): the unweighted mean. ``modest_round``
+takes any rule with that signature as ``aggregate_fn``.
+
 Cost per round: O(s * a) model work — gather the sample, train s models, average
 a times — never O(N) models; plus O(N) (global) or O((s + a) * N) (local) view
 updates.
