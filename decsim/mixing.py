@@ -238,6 +238,64 @@ def correction_target(vc: VarianceCorrection, own: Stacked, plain: Stacked,
   return {'self': own, 'received': plain, 'follow_beta': weighted}[vc.target]
 
 
+def received_target(vc: VarianceCorrection, own: Stacked, received: Stacked,
+                    count: jax.Array | None = None, *, weighted: Stacked | None = None,
+                    weight: jax.Array | None = None, own_weight: jax.Array | None = None,
+                    own_share: float | None = None) -> Stacked:
+  """The variance-correction target ``[R]`` per leaf of R averaging nodes, for every
+  averaging operator (Tian et al. 2024): D-PSGD's mix, the gossip merges, FedAvg's
+  server average and MoDeST's aggregators.
+
+  ``received``: per leaf ``[R]`` the sum of the layer variances of the models each
+  node averaged, over ``count [R]`` models; with ``count=None`` it is already their
+  plain mean (an operator that normalises its own weights). ``weighted`` / ``weight``:
+  the same for the merge weights c_j, ``sum_j c_j var_j`` over ``sum_j c_j``
+  (``weight=None``: already the weighted mean; ``weighted=None``: the merge is
+  unweighted and 'follow_beta' equals 'received').
+
+  The node's own model ``own`` (its variances ``[R]`` per leaf) is one of those
+  averaged when ``own_weight`` or ``own_share`` is given: the plain mean is then
+  ``(own + sum) / (1 + count)``; ``own_weight [R]`` joins the weighted sums with
+  weight ``own_weight`` (age-weighted merge, guarded: no weight at all gives the
+  plain mean); ``own_share`` w gives ``w own + (1 - w) mean(received)`` (a merge
+  with a fixed self weight, gossip's half and beta). ``vc.target == 'self'``
+  returns ``own``.
+  """
+  with_own = own_weight is not None or own_share is not None
+  if count is None:
+    plain = received
+  else:
+    cnt = jnp.maximum(count, 1).astype(jnp.float32)  # [R]
+    if with_own:
+      plain = jax.tree.map(lambda v, s: (v + s) / (1.0 + cnt), own, received)
+    else:
+      plain = jax.tree.map(lambda s: s / cnt, received)
+  if own_share is not None:
+    w = own_share
+    follow = jax.tree.map(lambda v, s: w * v + (1 - w) * s / cnt, own, received)
+  elif weighted is None:
+    follow = plain
+  elif weight is None:
+    follow = weighted
+  else:
+    follow = _weighted_mean(own, weighted, weight, own_weight, plain)
+  return correction_target(vc, own, plain, follow)
+
+
+def _weighted_mean(own: Stacked, weighted: Stacked, weight: jax.Array,
+                   own_weight: jax.Array | None, fallback: Stacked) -> Stacked:
+  """``(a own + sum_j c_j var_j) / (a + sum_j c_j)`` per leaf ``[R]`` (a = ``own_weight``,
+  or no own term); ``fallback`` where the total weight is not positive."""
+  total = weight if own_weight is None else own_weight + weight  # [R]
+  safe = jnp.where(total > 0, total, 1.0)
+
+  def one(v, s, p):
+    num = s if own_weight is None else own_weight * v + s
+    return jnp.where(total > 0, num / safe, p)
+
+  return jax.tree.map(one, own, weighted, fallback)
+
+
 def plain_weights(topology: Topology) -> Topology:
   """The same graph with every positive weight of a row replaced by 1/(their count):
   the unweighted mean over the models a node averages ('received' target)."""
@@ -256,6 +314,6 @@ def mix_corrected(topology: Topology, stacked: Stacked, vc: VarianceCorrection |
   if vc is None:
     return mixed
   var = layer_variance(stacked, vc.unbiased)  # [N] per leaf
-  target = correction_target(vc, var, mix(plain_weights(topology), var, mode),
-                             mix(topology, var, mode))
+  target = received_target(vc, var, mix(plain_weights(topology), var, mode),
+                           weighted=mix(topology, var, mode))
   return variance_correct(mixed, target, vc, where)

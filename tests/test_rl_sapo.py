@@ -81,6 +81,37 @@ def _setup(j, **kw):
   return policy, params, sapo_lib.sapo(policy, config), config
 
 
+def _pool(value, online=True):
+  """A tiny stand-in pool whose every leaf holds ``value``."""
+  full = lambda shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
+  return sapo_lib.Pool(questions=full((N, I, 2)), completions=full((N, I, G, 3), jnp.int32),
+                       rewards=full((N, I, G)), online=jnp.full((N,), online))
+
+
+def test_stale_pool_serves_round_r_minus_d_and_rolls_the_history():
+  config = sapo_lib.SapoConfig(nodes=N, local_groups=I, generations=G, staleness=2)
+  history = jax.tree.map(lambda a, b: jnp.stack([a, b]), _pool(0, False), _pool(0, False))
+  pools = [_pool(r + 1) for r in range(4)]
+  for r, pool in enumerate(pools):
+    shared, history = sapo_lib.stale_pool(config, history, pool, jnp.int32(r))
+    want = pool if r < 2 else pools[r - 2]  # no stale pool yet: this round's
+    same = jax.tree.map(lambda x, y: bool(jnp.all(x == y)), shared, want)
+    assert all(jax.tree.leaves(same)), r
+    np.testing.assert_array_equal(history.rewards[-1], pool.rewards)  # newest last
+  fresh = sapo_lib.SapoConfig(nodes=N, staleness=0)
+  assert sapo_lib.stale_pool(fresh, None, pools[0], jnp.int32(5)) == (pools[0], None)
+
+
+def test_online_nodes_follow_the_churn_probability():
+  none = sapo_lib.online_nodes(sapo_lib.SapoConfig(nodes=N), jax.random.key(0), jnp.int32(3))
+  assert np.all(none)
+  config = sapo_lib.SapoConfig(nodes=2000, churn=0.25)
+  online = sapo_lib.online_nodes(config, jax.random.key(0), jnp.int32(3))
+  assert 0.70 < float(jnp.mean(online)) < 0.80
+  again = sapo_lib.online_nodes(config, jax.random.key(0), jnp.int32(3))
+  np.testing.assert_array_equal(online, again)  # a function of (key, round)
+
+
 def test_zero_external_groups_equals_independent_grpo_per_node():
   policy, params, sapo, config = _setup(0)
   state = sapo.init(jax.random.key(7), params)

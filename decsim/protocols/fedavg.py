@@ -202,8 +202,9 @@ def _correct(vc: mixing.VarianceCorrection, averaged: Params, old_global: Params
   mean of the valid client models' per-layer variances, or the old global's ('self')."""
   var = mixing.layer_variance(clients, vc.unbiased)  # [s] per leaf
   own = mixing.layer_variance(broadcast(old_global, 1), vc.unbiased)  # [1] per leaf
-  plain = jax.tree.map(lambda v: (jnp.sum(v * valid) / jnp.maximum(jnp.sum(valid), 1))[None], var)
-  weighted = jax.tree.map(lambda v: (jnp.sum(v * weights) / jnp.sum(weights))[None], var)
-  target = mixing.correction_target(vc, own, plain, weighted)
+  plain_sum = jax.tree.map(lambda v: jnp.sum(v * valid)[None], var)  # [1] per leaf
+  weighted_sum = jax.tree.map(lambda v: jnp.sum(v * weights)[None], var)  # [1] per leaf
+  target = mixing.received_target(vc, own, plain_sum, jnp.sum(valid)[None], weighted=weighted_sum,
+                                  weight=jnp.sum(weights)[None])
   corrected = mixing.variance_correct(broadcast(averaged, 1), target, vc)
   return jax.tree.map(lambda x: x[0], corrected)

@@ -61,6 +61,8 @@ weighted like the merge ('follow_beta'), or to its own ('self'). Each message
 carries its sender's per-layer variances (a few floats).
 """
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -110,261 +112,251 @@ def message_bytes(model_bytes: int, partitions: int = 1, keep_prob: float = 1.0)
   return max(1, math.ceil(model_bytes * keep_prob / partitions))
 
 
+@dataclasses.dataclass(frozen=True)
+class GossipSettings:
+  """The static configuration of a gossip run; the fields are ``gossip``'s arguments."""
+
+  nodes: int
+  delta: int = 10
+  wake: str = 'uniform'
+  peers: str = 'random'
+  merge: str = 'half'
+  beta: float = 0.5
+  buffer_size: int = 1
+  partitions: int = 1
+  keep_prob: float = 1.0
+  max_active: int = 0
+  tick_seconds: float = 1.0
+  vc: mixing.VarianceCorrection | None = None
+
+  @property
+  def w_self(self) -> float | None:
+    """The merge's fixed weight of the own model (None: age-weighted)."""
+    return {'half': 0.5, 'beta': self.beta, 'replace': 0.0, 'age': None}[self.merge]
+
+  @property
+  def masked(self) -> bool:
+    """Messages carry only some elements (partitions or sampling compression)."""
+    return self.partitions > 1 or self.keep_prob < 1.0
+
+  @property
+  def rows(self) -> int:
+    """Model rows merged and trained per tick: all N, or ``max_active``."""
+    return self.nodes if self.max_active <= 0 else min(self.max_active, self.nodes)
+
+  @property
+  def pull(self) -> bool:
+    """All-neighbour push, summed in pull form (receiver i reads its neighbour slots)."""
+    return self.peers == 'all_neighbours'
+
+
+def check_settings(settings: GossipSettings, topology: Topology | None) -> None:
+  """Raises ValueError on an unknown option or an out-of-range number."""
+  c = settings
+  if c.peers not in PEERS:
+    raise ValueError(f'unknown gossip peers {c.peers!r}: choose one of {", ".join(PEERS)}')
+  if c.merge not in MERGES:
+    raise ValueError(f'unknown gossip merge {c.merge!r}: choose one of {", ".join(MERGES)}')
+  if c.wake not in WAKES:
+    raise ValueError(f'unknown gossip wake {c.wake!r}: choose one of {", ".join(WAKES)}')
+  if c.peers != 'random' and topology is None:
+    raise ValueError(f'gossip peers={c.peers!r} needs a topology')
+  if c.delta < 1 or c.buffer_size < 1 or c.partitions < 1 or not 0 < c.keep_prob <= 1:
+    raise ValueError('gossip needs delta >= 1, buffer_size >= 1, partitions >= 1, '
+                     '0 < keep_prob <= 1')
+
+
 def gossip(learner: Learner, *, nodes: int, topology: Topology | None = None,
            delta: int = 10, wake: str = 'uniform', peers: str = 'random', merge: str = 'half',
            beta: float = 0.5, buffer_size: int = 1, partitions: int = 1, keep_prob: float = 1.0,
            max_active: int = 0, tick_seconds: float = 1.0,
            variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
-  if peers not in PEERS:
-    raise ValueError(f'unknown gossip peers {peers!r}: choose one of {", ".join(PEERS)}')
-  if merge not in MERGES:
-    raise ValueError(f'unknown gossip merge {merge!r}: choose one of {", ".join(MERGES)}')
-  if wake not in WAKES:
-    raise ValueError(f'unknown gossip wake {wake!r}: choose one of {", ".join(WAKES)}')
-  if peers != 'random' and topology is None:
-    raise ValueError(f'gossip peers={peers!r} needs a topology')
-  if delta < 1 or buffer_size < 1 or partitions < 1 or not 0 < keep_prob <= 1:
-    raise ValueError('gossip needs delta >= 1, buffer_size >= 1, partitions >= 1, '
-                     '0 < keep_prob <= 1')
-  w_self = {'half': 0.5, 'beta': beta, 'replace': 0.0, 'age': None}[merge]
-  masked = partitions > 1 or keep_prob < 1.0
-  rows_n = nodes if max_active <= 0 else min(max_active, nodes)
-  vc = variance_correction
-
-  # Static layout of the messages: [N, S] arrays; pull (all_neighbours) has dst = row.
-  pull = peers == 'all_neighbours'
-  if topology is not None:
-    k = topology.idx.shape[1]
-    nb_valid = (topology.weights > 0) & (topology.idx != jnp.arange(nodes)[:, None])  # [N, k]
-
-  def part_ids(params: Params) -> Params:
-    """Partition of every element of one model: (flat offset) mod K, like params."""
-    leaves, treedef = jax.tree.flatten(params)
-    out, offset = [], 0
-    for leaf in leaves:
-      out.append(((offset + jnp.arange(leaf.size)) % partitions).reshape(leaf.shape))
-      offset += leaf.size
-    return jax.tree.unflatten(treedef, out)
-
-  def init(key: PRNGKey, data: NodeData) -> SimState:
-    del data
-    params = init_params(learner, jax.random.fold_in(key, Stream.INIT), nodes)
-    opt_state = jax.vmap(learner.tx.init)(params)
-    first_key = jax.random.fold_in(round_key(key, 0, Stream.GOSSIP), 1)
-    first = jax.random.randint(first_key, (nodes,), 0, delta)  # [N] first wake-up ticks
-    buffer = _empty_inbox(params, nodes, partitions, masked) if buffer_size > 1 else None
-    extra = GossipState(next_wake=first.astype(jnp.int32),
-                        age=jnp.zeros((nodes, partitions), jnp.float32),
-                        dropped=jnp.zeros((), jnp.int32), buffer=buffer)
-    return init_sim_state(key, NodeState(params, opt_state), extra)
-
-  def interval(key: PRNGKey) -> jax.Array:
-    """Ticks to each node's next wake-up: [N] int32 >= 1."""
-    if wake == 'uniform':
-      lo, hi = max(1, round(0.8 * delta)), max(1, round(1.2 * delta))
-      return jax.random.randint(key, (nodes,), lo, hi + 1)
-    return jnp.maximum(1, jnp.ceil(delta * jax.random.exponential(key, (nodes,)))).astype(jnp.int32)
-
-  def messages(key: PRNGKey, send: jax.Array, alive: jax.Array):
-    """(src, dst, valid) of this tick's messages, each [N, S]."""
-    ids = jnp.arange(nodes, dtype=jnp.int32)
-    if pull:  # row i receives from each neighbour that woke
-      src = topology.idx
-      dst = jnp.broadcast_to(ids[:, None], src.shape)
-      valid = nb_valid & send[src] & alive[:, None]
-      return src, dst, valid
-    u = jax.random.uniform(key, (nodes,))  # [N]
-    if peers == 'random':
-      target = (ids + 1 + jnp.floor(u * (nodes - 1)).astype(jnp.int32)) % nodes
-      ok = jnp.full((nodes,), nodes > 1)
-    else:
-      count = jnp.sum(nb_valid, axis=1)  # [N]
-      r = jnp.minimum(jnp.floor(u * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
-      rank = jnp.cumsum(nb_valid, axis=1) - 1  # [N, k]
-      slot = jnp.argmax(nb_valid & (rank == r[:, None]), axis=1)  # [N]
-      target = topology.idx[ids, slot]
-      ok = count > 0
-    valid = send & ok & alive[target]
-    return ids[:, None], target[:, None], valid[:, None]
-
-  def element_masks(key: PRNGKey, src, dst, p_src, params: Stacked, pids: Params):
-    """Per-message per-element masks, a function of slot -> leaves [N, ...]; None if unmasked."""
-    if not masked:
-      return None
-    leaf_pids = jax.tree.leaves(pids)
-
-    def at(s):
-      leaves, treedef = jax.tree.flatten(params)
-      out = []
-      for i, (x, pid) in enumerate(zip(leaves, leaf_pids)):
-        m = jnp.ones(x.shape, bool)
-        if partitions > 1:
-          m = m & (pid[None] == p_src[:, s].reshape((-1,) + (1,) * (x.ndim - 1)))
-        if keep_prob < 1.0:
-          def one(a, b):
-            return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(
-                jax.random.fold_in(key, a), b), i), keep_prob, x.shape[1:])
-          m = m & jax.vmap(one)(src[:, s], dst[:, s])
-        out.append(m)
-      return jax.tree.unflatten(treedef, out)
-
-    return at
-
-  def inbox_of(params: Stacked, var: Stacked, age: jax.Array, src, dst, valid, p_src,
-               masks) -> Inbox:
-    """Sums over receivers of this tick's messages (see ``Inbox``)."""
-    n_slots = src.shape[1]
-    a_src = jnp.take_along_axis(age[src.ravel()], p_src.ravel()[:, None], 1)[:, 0]  # [M]
-    a_src = a_src.reshape(src.shape)  # [N, S]
-    coef = jnp.where(valid, a_src if merge == 'age' else 1.0, 0.0)  # [N, S]
-    flat_dst = dst.ravel()
-
-    def seg(v):  # [N, S, ...] -> sums per receiver [N, ...]
-      if pull:
-        return jnp.sum(v, axis=1)
-      return jax.ops.segment_sum(v.reshape((-1,) + v.shape[2:]), flat_dst, num_segments=nodes)
-
-    num, den = [], []
-    leaves, treedef = jax.tree.flatten(params)
-    for i, x in enumerate(leaves):
-      bcast = (-1,) + (1,) * (x.ndim - 1)
-      acc_n = acc_d = None
-      for s in range(n_slots):
-        c = coef[:, s].reshape(bcast).astype(x.dtype)
-        term = x[src[:, s]] * c
-        d = jnp.broadcast_to(c, (x.shape[0],) + (1,) * (x.ndim - 1))
-        if masks is not None:
-          m = jax.tree.leaves(masks(s))[i].astype(x.dtype)
-          term, d = term * m, c * m
-        if not pull:  # one slot, scatter to the receivers
-          term = jax.ops.segment_sum(term, dst[:, s], num_segments=nodes)
-          d = jax.ops.segment_sum(d, dst[:, s], num_segments=nodes)
-        acc_n = term if acc_n is None else acc_n + term
-        acc_d = d if acc_d is None else acc_d + d
-      num.append(acc_n)
-      den.append(acc_d)
-    vsum = jax.tree.map(lambda v: seg(jnp.where(valid, v[src], 0.0)), var)
-    vwsum = jax.tree.map(lambda v: seg(coef * v[src]), var)
-    k_idx = flat_dst * partitions + p_src.ravel()  # [M] (receiver, partition)
-    age_max = jax.ops.segment_max(jnp.where(valid, a_src, 0.0).ravel(), k_idx,
-                                  num_segments=nodes * partitions).reshape(nodes, partitions)
-    return Inbox(num=jax.tree.unflatten(treedef, num), den=jax.tree.unflatten(treedef, den),
-                 count=seg(valid.astype(jnp.int32)), var_sum=vsum, var_wsum=vwsum,
-                 weight_sum=seg(coef), age_max=jnp.maximum(age_max, 0.0))
-
-  def merge_rows(own: Stacked, inbox: Inbox, age: jax.Array, own_var: Stacked, pids: Params):
-    """Merged models of some rows (leaves [R, ...]), their new ages [R, K] and VC targets."""
-    got = inbox.count > 0  # [R]
-
-    def one(x, num, den, pid):
-      bcast = (-1,) + (1,) * (x.ndim - 1)
-      has = den > 0
-      if merge == 'age':
-        a = age[:, pid] if partitions > 1 else age[:, 0].reshape(bcast)  # [R, ...]
-        total = a + den
-        new = jnp.where(total > 0, (a * x + num) / jnp.where(total > 0, total, 1.0), x)
-      else:
-        mean = num / jnp.where(has, den, 1.0)
-        new = w_self * x + (1.0 - w_self) * mean if w_self else mean
-        new = jnp.where(has, new, x)
-      return jnp.where(got.reshape(bcast), new, x).astype(x.dtype)
-
-    merged = jax.tree.map(one, own, inbox.num, inbox.den, pids)
-    new_age = jnp.where(got[:, None], jnp.maximum(age, inbox.age_max), age)
-    target = None
-    if vc is not None:
-      cnt = jnp.maximum(inbox.count, 1).astype(jnp.float32)
-      a = jnp.mean(age, axis=1)  # [R]
-      if merge == 'replace':
-        plain = jax.tree.map(lambda s: s / cnt, inbox.var_sum)
-        weighted = plain
-      else:
-        plain = jax.tree.map(lambda v, s: (v + s) / (1.0 + cnt), own_var, inbox.var_sum)
-        if merge == 'age':
-          total = a + inbox.weight_sum
-          weighted = jax.tree.map(
-              lambda v, s, p: jnp.where(total > 0, (a * v + s) / jnp.where(total > 0, total, 1.0), p),
-              own_var, inbox.var_wsum, plain)
-        else:
-          weighted = jax.tree.map(lambda v, s: w_self * v + (1 - w_self) * s / cnt, own_var,
-                                  inbox.var_sum)
-      target = mixing.correction_target(vc, own_var, plain, weighted)
-    return merged, new_age, target
+  """Gossip learning over ``nodes`` nodes (see the module docstring for the options)."""
+  settings = GossipSettings(nodes=nodes, delta=delta, wake=wake, peers=peers, merge=merge,
+                            beta=beta, buffer_size=buffer_size, partitions=partitions,
+                            keep_prob=keep_prob, max_active=max_active,
+                            tick_seconds=tick_seconds, vc=variance_correction)
+  check_settings(settings, topology)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
-    t, alive, g = state.round, state.available, state.extra  # alive [N]
-    params, opt_state = state.nodes.params, state.nodes.opt_state
-    awake = g.next_wake <= t  # [N]
-    send = awake & alive
-    next_wake = jnp.where(awake, t + interval(round_key(state.key, t, Stream.GOSSIP)),
-                          g.next_wake)
-    kt = round_key(state.key, t, Stream.TOPOLOGY)
-    src, dst, valid = messages(kt, send, alive)  # [N, S]
-    p_node = jax.random.randint(jax.random.fold_in(kt, 1), (nodes,), 0, partitions)  # [N]
-    p_src = p_node[src]  # [N, S]
-    pids = part_ids(jax.tree.map(lambda x: x[0], params))
-    masks = element_masks(jax.random.fold_in(kt, 2), src, dst, p_src, params, pids)
-    var = mixing.layer_variance(params, vc.unbiased if vc else False)  # [N] per leaf
-    inbox = inbox_of(params, var, g.age, src, dst, valid, p_src, masks)
-    if buffer_size > 1:
-      inbox = jax.tree.map(jnp.add, g.buffer, inbox).replace(
-          age_max=jnp.maximum(g.buffer.age_max, inbox.age_max))
-      acts = (inbox.count >= buffer_size) & alive
-    else:
-      acts = (inbox.count > 0) & alive  # [N]
+    return gossip_round(settings, learner, topology, state, data)  # a function (chex counts traces)
 
-    # The acting rows: all N (masked) or max_active of them, drawn among the acting.
-    if rows_n == nodes:
-      ids, row_ok = jnp.arange(nodes, dtype=jnp.int32), acts
-    else:
-      ids, row_ok = sample_available(jax.random.fold_in(kt, 3), acts, rows_n)  # [R]
-    take = lambda tree: jax.tree.map(lambda x: x[ids], tree)
-    merged, new_age, target = merge_rows(take(params), take(inbox), g.age[ids], take(var), pids)
-    if vc is not None:
-      merged = mixing.variance_correct(merged, target, vc, where=row_ok)
-
-    keys = node_keys(state.key, t, ids, Stream.BATCH)  # [R]
-    result = train_nodes(learner, merged, take(opt_state), keys, data, rows=ids)
-    steps = jnp.where(row_ok, result.steps, 0)  # [R]
-    new_age = new_age + (steps * learner.batch_size).astype(jnp.float32)[:, None]
-    scatter = jnp.where(row_ok, ids, nodes)  # non-acting rows are dropped
-    put = lambda all_, new: jax.tree.map(lambda a, b: a.at[scatter].set(b, mode='drop'), all_, new)
-    params = put(params, result.params)
-    opt_state = put(opt_state, result.opt_state)
-    age = g.age.at[scatter].set(new_age, mode='drop')
-    buffer = None
-    if buffer_size > 1:  # the rows that merged start an empty buffer
-      done = jnp.zeros((nodes,), bool).at[scatter].set(True, mode='drop')
-      keep = lambda x: jnp.where(done.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x).astype(x.dtype)
-      buffer = jax.tree.map(keep, inbox)
-
-    sent_msgs = jax.ops.segment_sum(valid.ravel().astype(jnp.int32), src.ravel(),
-                                    num_segments=nodes)  # [N]
-    round_sent = jnp.sum(sent_msgs)
-    n_act = jnp.sum(row_ok, dtype=jnp.int32)
-    dropped = jnp.sum(acts, dtype=jnp.int32) - n_act
-    state = state.replace(
-        round=t + 1,
-        nodes=NodeState(params, opt_state),
-        clock=state.clock + jnp.float32(tick_seconds),
-        sent=state.sent.at[:, MODEL].add(sent_msgs),
-        extra=GossipState(next_wake=next_wake, age=age, dropped=g.dropped + dropped,
-                          buffer=buffer))
-    metrics = RoundMetrics(
-        train_loss=jnp.sum(jnp.where(row_ok, result.loss, 0.0)) / jnp.maximum(n_act, 1),
-        sim_seconds=jnp.float32(tick_seconds),
-        messages=model_messages(round_sent),
-        active_nodes=n_act,
-        node_steps=jnp.sum(steps))
-    return state, metrics
-
-  def model(state: SimState) -> Params:
-    return node_average(state.nodes.params)
-
-  return Protocol(init, round_, model)
+  return Protocol(functools.partial(gossip_init, settings, learner), round_, gossip_model)
 
 
-def _empty_inbox(params: Stacked, nodes: int, partitions: int, masked: bool) -> Inbox:
+def extra_metrics(state: SimState) -> dict[str, jax.Array]:
+  """Gossip's own per-run counters for the metrics rows."""
+  return {'gossip_dropped': state.extra.dropped}
+
+
+def gossip_model(state: SimState) -> Params:
+  """The model gossip delivers: the average of the node models."""
+  return node_average(state.nodes.params)
+
+
+def gossip_init(settings: GossipSettings, learner: Learner, key: PRNGKey,
+                data: NodeData) -> SimState:
+  """N fresh models, age 0, each node's first wake-up drawn in [0, delta)."""
+  del data
+  nodes = settings.nodes
+  params = init_params(learner, jax.random.fold_in(key, Stream.INIT), nodes)
+  opt_state = jax.vmap(learner.tx.init)(params)
+  first_key = jax.random.fold_in(round_key(key, 0, Stream.GOSSIP), 1)
+  first = jax.random.randint(first_key, (nodes,), 0, settings.delta)  # [N] first wake-up ticks
+  buffer = None
+  if settings.buffer_size > 1:
+    buffer = empty_inbox(params, nodes, settings.partitions, settings.masked)
+  extra = GossipState(next_wake=first.astype(jnp.int32),
+                      age=jnp.zeros((nodes, settings.partitions), jnp.float32),
+                      dropped=jnp.zeros((), jnp.int32), buffer=buffer)
+  return init_sim_state(key, NodeState(params, opt_state), extra)
+
+
+# ------------------------------------------------------------------ messages
+
+
+def partition_ids(params: Params, partitions: int) -> Params:
+  """Partition of every element of one model: (flat offset) mod K, like params."""
+  leaves, treedef = jax.tree.flatten(params)
+  out, offset = [], 0
+  for leaf in leaves:
+    out.append(((offset + jnp.arange(leaf.size)) % partitions).reshape(leaf.shape))
+    offset += leaf.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def wake_interval(key: PRNGKey, settings: GossipSettings) -> jax.Array:
+  """Ticks to each node's next wake-up: [N] int32 >= 1."""
+  nodes, delta = settings.nodes, settings.delta
+  if settings.wake == 'uniform':
+    lo, hi = max(1, round(0.8 * delta)), max(1, round(1.2 * delta))
+    return jax.random.randint(key, (nodes,), lo, hi + 1)
+  return jnp.maximum(1, jnp.ceil(delta * jax.random.exponential(key, (nodes,)))).astype(jnp.int32)
+
+
+def neighbour_mask(topology: Topology) -> jax.Array:
+  """[N, k] bool: the slots of ``topology`` that hold a real neighbour (not the node itself)."""
+  nodes = topology.idx.shape[0]
+  return (topology.weights > 0) & (topology.idx != jnp.arange(nodes)[:, None])
+
+
+def push_targets(key: PRNGKey, settings: GossipSettings,
+                 topology: Topology | None) -> tuple[jax.Array, jax.Array]:
+  """Each node's one peer, ``target [N]``, and whether it has one, ``ok [N]``: uniform
+  over the other nodes (``random``) or over its topology neighbours (``neighbour``)."""
+  nodes = settings.nodes
+  ids = jnp.arange(nodes, dtype=jnp.int32)
+  u = jax.random.uniform(key, (nodes,))  # [N]
+  if settings.peers == 'random':
+    target = (ids + 1 + jnp.floor(u * (nodes - 1)).astype(jnp.int32)) % nodes
+    return target, jnp.full((nodes,), nodes > 1)
+  nb_valid = neighbour_mask(topology)  # [N, k]
+  count = jnp.sum(nb_valid, axis=1)  # [N]
+  r = jnp.minimum(jnp.floor(u * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
+  rank = jnp.cumsum(nb_valid, axis=1) - 1  # [N, k]
+  slot = jnp.argmax(nb_valid & (rank == r[:, None]), axis=1)  # [N]
+  return topology.idx[ids, slot], count > 0
+
+
+def messages(key: PRNGKey, send: jax.Array, alive: jax.Array, settings: GossipSettings,
+             topology: Topology | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(src, dst, valid) of this tick's messages, each [N, S]; pull form has dst = row."""
+  ids = jnp.arange(settings.nodes, dtype=jnp.int32)
+  if settings.pull:  # row i receives from each neighbour that woke
+    src = topology.idx  # [N, k]
+    dst = jnp.broadcast_to(ids[:, None], src.shape)
+    return src, dst, neighbour_mask(topology) & send[src] & alive[:, None]
+  target, ok = push_targets(key, settings, topology)  # [N]
+  valid = send & ok & alive[target]
+  return ids[:, None], target[:, None], valid[:, None]
+
+
+def message_counts(valid: jax.Array, src: jax.Array, nodes: int) -> jax.Array:
+  """Messages each node sent this tick: [N] int32 from the valid [N, S] of senders src."""
+  return jax.ops.segment_sum(valid.ravel().astype(jnp.int32), src.ravel(), num_segments=nodes)
+
+
+def _keep_draw(key: PRNGKey, src: jax.Array, dst: jax.Array, leaf_index: int,
+               keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+  """Sampling mask of one message's leaf: a function of (sender, receiver, leaf)."""
+  k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, src), dst), leaf_index)
+  return jax.random.bernoulli(k, keep_prob, shape)
+
+
+def element_mask(key: PRNGKey, leaf_index: int, x: jax.Array, pid: jax.Array, src: jax.Array,
+                 dst: jax.Array, part: jax.Array, settings: GossipSettings) -> jax.Array:
+  """Which elements of leaf ``x [N, ...]`` each of N messages (one slot: senders ``src [N]``,
+  receivers ``dst [N]``, partitions ``part [N]``) carries: [N, ...] bool."""
+  m = jnp.ones(x.shape, bool)
+  if settings.partitions > 1:
+    m = m & (pid[None] == part.reshape((-1,) + (1,) * (x.ndim - 1)))
+  if settings.keep_prob < 1.0:
+    draw = functools.partial(_keep_draw, key, leaf_index=leaf_index,
+                             keep_prob=settings.keep_prob, shape=x.shape[1:])
+    m = m & jax.vmap(draw)(src, dst)
+  return m
+
+
+# ------------------------------------------------------------------ inboxes
+
+
+def receiver_sum(v: jax.Array, dst: jax.Array, nodes: int, pull: bool) -> jax.Array:
+  """Sums of per-message values ``v [N, S, ...]`` per receiver ``dst [N, S]``: [N, ...]."""
+  if pull:
+    return jnp.sum(v, axis=1)
+  return jax.ops.segment_sum(v.reshape((-1,) + v.shape[2:]), dst.ravel(), num_segments=nodes)
+
+
+def leaf_sums(x: jax.Array, leaf_index: int, pid: jax.Array, coef: jax.Array, src: jax.Array,
+              dst: jax.Array, p_src: jax.Array, mask_key: PRNGKey,
+              settings: GossipSettings) -> tuple[jax.Array, jax.Array]:
+  """One leaf's inbox sums, slot by slot: ``sum_j c_j m_j x_j [N, ...]`` and ``sum_j c_j m_j``
+  (``[N, ...]`` masked, else ``[N, 1, ...]``), for coefficients ``coef [N, S]``."""
+  bcast = (-1,) + (1,) * (x.ndim - 1)
+  acc_n = acc_d = None
+  for s in range(src.shape[1]):
+    c = coef[:, s].reshape(bcast).astype(x.dtype)
+    term = x[src[:, s]] * c
+    d = jnp.broadcast_to(c, (x.shape[0],) + (1,) * (x.ndim - 1))
+    if settings.masked:
+      m = element_mask(mask_key, leaf_index, x, pid, src[:, s], dst[:, s], p_src[:, s],
+                       settings).astype(x.dtype)
+      term, d = term * m, c * m
+    if not settings.pull:  # one slot, scatter to the receivers
+      term = jax.ops.segment_sum(term, dst[:, s], num_segments=settings.nodes)
+      d = jax.ops.segment_sum(d, dst[:, s], num_segments=settings.nodes)
+    acc_n = term if acc_n is None else acc_n + term
+    acc_d = d if acc_d is None else acc_d + d
+  return acc_n, acc_d
+
+
+def inbox_of(params: Stacked, var: Stacked, age: jax.Array, src: jax.Array, dst: jax.Array,
+             valid: jax.Array, p_src: jax.Array, pids: Params, mask_key: PRNGKey,
+             settings: GossipSettings) -> Inbox:
+  """Sums over receivers of this tick's messages ``[N, S]`` (see ``Inbox``); ``var``:
+  the senders' layer variances ``[N]`` per leaf, ``age [N, K]``, ``p_src [N, S]``: the
+  partition each message carries."""
+  nodes, partitions = settings.nodes, settings.partitions
+  a_src = jnp.take_along_axis(age[src.ravel()], p_src.ravel()[:, None], 1)[:, 0]  # [M]
+  a_src = a_src.reshape(src.shape)  # [N, S]
+  coef = jnp.where(valid, a_src if settings.merge == 'age' else 1.0, 0.0)  # [N, S]
+  seg = functools.partial(receiver_sum, dst=dst, nodes=nodes, pull=settings.pull)
+  leaves, treedef = jax.tree.flatten(params)
+  sums = [leaf_sums(x, i, pid, coef, src, dst, p_src, mask_key, settings)
+          for i, (x, pid) in enumerate(zip(leaves, jax.tree.leaves(pids)))]
+  vsum = jax.tree.map(lambda v: seg(jnp.where(valid, v[src], 0.0)), var)
+  vwsum = jax.tree.map(lambda v: seg(coef * v[src]), var)
+  k_idx = dst.ravel() * partitions + p_src.ravel()  # [M] (receiver, partition)
+  age_max = jax.ops.segment_max(jnp.where(valid, a_src, 0.0).ravel(), k_idx,
+                                num_segments=nodes * partitions).reshape(nodes, partitions)
+  return Inbox(num=jax.tree.unflatten(treedef, [n for n, _ in sums]),
+               den=jax.tree.unflatten(treedef, [d for _, d in sums]),
+               count=seg(valid.astype(jnp.int32)), var_sum=vsum, var_wsum=vwsum,
+               weight_sum=seg(coef), age_max=jnp.maximum(age_max, 0.0))
+
+
+def empty_inbox(params: Stacked, nodes: int, partitions: int, masked: bool) -> Inbox:
+  """An inbox holding nothing, shaped for ``params`` (leaves [N, ...])."""
   zeros = lambda x: jnp.zeros(x.shape, x.dtype)
   den = jax.tree.map(lambda x: jnp.zeros(x.shape if masked else (nodes,) + (1,) * (x.ndim - 1),
                                          x.dtype), params)
@@ -372,3 +364,161 @@ def _empty_inbox(params: Stacked, nodes: int, partitions: int, masked: bool) -> 
   return Inbox(num=jax.tree.map(zeros, params), den=den, count=jnp.zeros((nodes,), jnp.int32),
                var_sum=var, var_wsum=var, weight_sum=jnp.zeros((nodes,), jnp.float32),
                age_max=jnp.zeros((nodes, partitions), jnp.float32))
+
+
+
+def held_inbox(settings: GossipSettings, buffer: Inbox | None, inbox: Inbox,
+               alive: jax.Array) -> tuple[Inbox, jax.Array]:
+  """What each node holds after this tick's arrivals, and which nodes act ``[N]``: any
+  arrival, or (buffer mode) at least ``buffer_size`` models held; offline nodes never."""
+  if settings.buffer_size > 1:
+    inbox = jax.tree.map(jnp.add, buffer, inbox).replace(
+        age_max=jnp.maximum(buffer.age_max, inbox.age_max))
+    return inbox, (inbox.count >= settings.buffer_size) & alive
+  return inbox, (inbox.count > 0) & alive  # [N]
+
+
+def emptied_buffer(inbox: Inbox, scatter: jax.Array, nodes: int) -> Inbox:
+  """The held inbox with the rows that merged (``scatter`` ids; ``nodes``: none) emptied."""
+  done = jnp.zeros((nodes,), bool).at[scatter].set(True, mode='drop')
+  keep = lambda x: jnp.where(done.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x).astype(x.dtype)
+  return jax.tree.map(keep, inbox)
+
+
+# ------------------------------------------------------------------ merges
+
+
+def merge_leaf(x: jax.Array, num: jax.Array, den: jax.Array, pid: jax.Array, age: jax.Array,
+               got: jax.Array, merge: str, w_self: float | None, partitions: int) -> jax.Array:
+  """One leaf ``x [R, ...]`` merged with its inbox sums by the ``merge`` rule (module
+  docstring); rows that got nothing (``got [R]``) or elements that no message carried
+  keep ``x``."""
+  bcast = (-1,) + (1,) * (x.ndim - 1)
+  has = den > 0
+  if merge == 'age':
+    a = age[:, pid] if partitions > 1 else age[:, 0].reshape(bcast)  # [R, ...]
+    total = a + den
+    new = jnp.where(total > 0, (a * x + num) / jnp.where(total > 0, total, 1.0), x)
+  else:
+    mean = num / jnp.where(has, den, 1.0)
+    new = w_self * x + (1.0 - w_self) * mean if w_self else mean
+    new = jnp.where(has, new, x)
+  return jnp.where(got.reshape(bcast), new, x).astype(x.dtype)
+
+
+def merge_target(settings: GossipSettings, inbox: Inbox, age: jax.Array,
+                 own_var: Stacked) -> Stacked:
+  """Variance-correction target ``[R]`` per leaf of the merged rows: the variances
+  averaged like the merge averaged the models (own included except under ``replace``)."""
+  vc, merge = settings.vc, settings.merge
+  if merge == 'replace':
+    return mixing.received_target(vc, own_var, inbox.var_sum, inbox.count)
+  if merge == 'age':
+    return mixing.received_target(vc, own_var, inbox.var_sum, inbox.count,
+                                  weighted=inbox.var_wsum, weight=inbox.weight_sum,
+                                  own_weight=jnp.mean(age, axis=1))
+  return mixing.received_target(vc, own_var, inbox.var_sum, inbox.count,
+                                own_share=settings.w_self)
+
+
+def merge_rows(own: Stacked, inbox: Inbox, age: jax.Array, own_var: Stacked, pids: Params,
+               settings: GossipSettings) -> tuple[Stacked, jax.Array, Stacked | None]:
+  """Merged models of some rows (leaves [R, ...]), their new ages [R, K] and VC targets."""
+  got = inbox.count > 0  # [R]
+  one = functools.partial(merge_leaf, age=age, got=got, merge=settings.merge,
+                          w_self=settings.w_self, partitions=settings.partitions)
+  merged = jax.tree.map(one, own, inbox.num, inbox.den, pids)
+  new_age = jnp.where(got[:, None], jnp.maximum(age, inbox.age_max), age)
+  target = None if settings.vc is None else merge_target(settings, inbox, age, own_var)
+  return merged, new_age, target
+
+
+# ------------------------------------------------------------------ a tick
+
+
+def take_rows(tree: Any, ids: jax.Array) -> Any:
+  """Rows ``ids [R]`` of every leaf: leaves [R, ...]."""
+  return jax.tree.map(lambda x: x[ids], tree)
+
+
+def put_rows(tree: Any, rows: Any, scatter: jax.Array) -> Any:
+  """``tree`` with rows ``scatter [R]`` replaced by ``rows``; out-of-range ids are dropped."""
+  return jax.tree.map(lambda a, b: a.at[scatter].set(b, mode='drop'), tree, rows)
+
+
+def acting_rows(key: PRNGKey, acts: jax.Array,
+                settings: GossipSettings) -> tuple[jax.Array, jax.Array]:
+  """The rows that merge and train: all N (masked by ``acts [N]``) or ``max_active``
+  drawn among the acting nodes. Returns (ids [R], row_ok [R])."""
+  if settings.rows == settings.nodes:
+    return jnp.arange(settings.nodes, dtype=jnp.int32), acts
+  return sample_available(key, acts, settings.rows)  # [R]
+
+
+def merge_and_train(settings: GossipSettings, learner: Learner, state: SimState, data: NodeData,
+                    inbox: Inbox, var: Stacked, pids: Params, ids: jax.Array, row_ok: jax.Array):
+  """Rows ``ids [R]`` merge their inbox, are variance-corrected and train; only the
+  ``row_ok`` rows are written back. Returns (NodeState, age [N, K], scatter ids [R],
+  loss [R], steps [R])."""
+  params, opt_state = state.nodes.params, state.nodes.opt_state
+  age = state.extra.age
+  merged, new_age, target = merge_rows(take_rows(params, ids), take_rows(inbox, ids), age[ids],
+                                       take_rows(var, ids), pids, settings)
+  if settings.vc is not None:
+    merged = mixing.variance_correct(merged, target, settings.vc, where=row_ok)
+  keys = node_keys(state.key, state.round, ids, Stream.BATCH)  # [R]
+  result = train_nodes(learner, merged, take_rows(opt_state, ids), keys, data, rows=ids)
+  steps = jnp.where(row_ok, result.steps, 0)  # [R]
+  new_age = new_age + (steps * learner.batch_size).astype(jnp.float32)[:, None]
+  scatter = jnp.where(row_ok, ids, settings.nodes)  # non-acting rows are dropped
+  nodes = NodeState(put_rows(params, result.params, scatter),
+                    put_rows(opt_state, result.opt_state, scatter))
+  return nodes, age.at[scatter].set(new_age, mode='drop'), scatter, result.loss, steps
+
+
+def exchange(settings: GossipSettings, topology: Topology | None, state: SimState):
+  """This tick's wake-ups and messages. Returns (next_wake [N], src [N, S],
+  valid [N, S], acts [N], held inbox, layer variances [N] per leaf, partition ids)."""
+  t, alive, g = state.round, state.available, state.extra  # alive [N]
+  params, vc = state.nodes.params, settings.vc
+  awake = g.next_wake <= t  # [N]
+  next_wake = jnp.where(awake, t + wake_interval(round_key(state.key, t, Stream.GOSSIP), settings),
+                        g.next_wake)
+  kt = round_key(state.key, t, Stream.TOPOLOGY)
+  src, dst, valid = messages(kt, awake & alive, alive, settings, topology)  # [N, S]
+  p_node = jax.random.randint(jax.random.fold_in(kt, 1), (settings.nodes,), 0,
+                              settings.partitions)  # [N]
+  pids = partition_ids(jax.tree.map(lambda x: x[0], params), settings.partitions)
+  var = mixing.layer_variance(params, vc.unbiased if vc else False)  # [N] per leaf
+  inbox = inbox_of(params, var, g.age, src, dst, valid, p_node[src], pids,
+                   jax.random.fold_in(kt, 2), settings)
+  inbox, acts = held_inbox(settings, g.buffer, inbox, alive)
+  return next_wake, src, valid, acts, inbox, var, pids
+
+
+def gossip_round(settings: GossipSettings, learner: Learner, topology: Topology | None,
+                 state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
+  """One tick: wake-ups and pushes, merges of the nodes that received, their training."""
+  t, g, nodes = state.round, state.extra, settings.nodes
+  next_wake, src, valid, acts, inbox, var, pids = exchange(settings, topology, state)
+  ids, row_ok = acting_rows(jax.random.fold_in(round_key(state.key, t, Stream.TOPOLOGY), 3),
+                            acts, settings)  # [R]
+  node_state, age, scatter, loss, steps = merge_and_train(settings, learner, state, data, inbox,
+                                                          var, pids, ids, row_ok)
+  buffer = emptied_buffer(inbox, scatter, nodes) if settings.buffer_size > 1 else None
+  sent_msgs = message_counts(valid, src, nodes)  # [N]
+  n_act = jnp.sum(row_ok, dtype=jnp.int32)
+  dropped = jnp.sum(acts, dtype=jnp.int32) - n_act
+  state = state.replace(
+      round=t + 1, nodes=node_state,
+      clock=state.clock + jnp.float32(settings.tick_seconds),
+      sent=state.sent.at[:, MODEL].add(sent_msgs),
+      extra=GossipState(next_wake=next_wake, age=age, dropped=g.dropped + dropped,
+                        buffer=buffer))
+  metrics = RoundMetrics(
+      train_loss=jnp.sum(jnp.where(row_ok, loss, 0.0)) / jnp.maximum(n_act, 1),
+      sim_seconds=jnp.float32(settings.tick_seconds),
+      messages=model_messages(jnp.sum(sent_msgs)),
+      active_nodes=n_act,
+      node_steps=jnp.sum(steps))
+  return state, metrics

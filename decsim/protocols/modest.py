@@ -38,12 +38,19 @@ neither trains nor answers, which is what ``sf < 1`` and the ping timeout are fo
   never gathers ``ceil(sf * s)`` models). Without churn both modes give the same
   models, clock and model/view messages (tested).
 
+Every aggregator applies ``aggregate(models [s, ...], weights [s]) -> params`` to the
+models it took (weight 1) and the rest (weight 0): the unweighted mean. ``modest_round``
+takes any rule with that signature as ``aggregate_fn``.
+
 Cost per round: O(s * a) model work — gather the sample, train s models, average
 a times — never O(N) models; plus O(N) (global) or O((s + a) * N) (local) view
 updates.
 """
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +58,7 @@ from flax import struct
 
 from decsim import mixing
 from decsim.data.sampler import NodeData
+from decsim.local import LocalResult
 from decsim.network import MODEL, PING, VIEW, Network, uniform_network
 from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
 from decsim.rng import Stream, node_keys, round_key
@@ -104,6 +112,37 @@ def active_in(views: Views, rows: jax.Array, round_: jax.Array, threshold: int) 
   return (views.joins[rows] % 2 == 1) & (seen >= round_ - threshold) & (seen > views.down[rows])
 
 
+@dataclasses.dataclass(frozen=True)
+class ModestSettings:
+  """The static configuration of a MoDeST run (see ``modest``)."""
+
+  nodes: int
+  sample_size: int  # s
+  aggregators: int  # a
+  wait_for: int  # ceil(sf * s): models an aggregator waits for
+  candidates: int  # C: length of every participant's probing list
+  ping_timeout: float
+  inactivity_threshold: int
+  local: bool  # per-node views
+  model_bytes: int
+
+
+@struct.dataclass
+class RoundPlan:
+  """Who takes part in a round and where their models go."""
+
+  sample: jax.Array  # [s] int32 this round's sample
+  live: jax.Array  # [s] bool participants that train (in the view and online)
+  cand: jax.Array  # [s, C] each participant's ranking of round r+1
+  probed: jax.Array  # [s, C] candidates each participant pinged
+  responsive: jax.Array  # [s, C] candidates that answered (or would have)
+  chosen_ok: jax.Array  # [s, a] each participant found its k-th aggregator
+  agg_ids: jax.Array  # [a] int32 the round's aggregators (the first live participant's)
+  agg_valid: jax.Array  # [a] bool
+  sends: jax.Array  # [s, a] participant -> aggregator slot
+  part_vw: Views | None  # [s, N] participants' merged views (local mode), else None
+
+
 def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int = 1,
            success_fraction: float = 1.0, ping_timeout: float = 2.0,
            inactivity_threshold: int = 20, views: str = 'global', network: Network | None = None,
@@ -125,183 +164,312 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
   if views not in VIEWS:
     raise ValueError(f'views {views!r} must be one of {", ".join(VIEWS)}')
-  local = views == 'local'
+  settings = ModestSettings(
+      nodes=nodes, sample_size=s, aggregators=a, wait_for=math.ceil(success_fraction * s),
+      candidates=min(nodes, 2 * s + a),  # probing list: the sample of r+1 and beyond
+      ping_timeout=ping_timeout, inactivity_threshold=inactivity_threshold,
+      local=views == 'local', model_bytes=learner.model_bytes())
   network = network if network is not None else uniform_network(nodes)
-  model_bytes = learner.model_bytes()
-  wait_for = math.ceil(success_fraction * s)
-  candidates = min(nodes, 2 * s + a)  # probing list: the sample of r+1 and beyond
-  node_ids = jnp.arange(nodes, dtype=jnp.int32)
-
-  def init(key: PRNGKey, data: NodeData) -> SimState:
-    del data
-    model0 = learner.init_params(jax.random.fold_in(key, Stream.INIT))
-    member = jnp.ones((nodes,), bool)
-    if availability is not None:
-      member = availability(key, jnp.int32(0), jnp.float32(0)).member
-    counter = member.astype(jnp.int32)  # members have joined once
-    rows = nodes if local else 1
-    holders = jnp.argsort(~member, stable=True)[:a].astype(jnp.int32)  # first a members: model0
-    extra = ModestState(
-        agg_params=broadcast(model0, a), agg_ids=holders,
-        agg_done=jnp.zeros((a,), jnp.float32),
-        views=Views(seen=jnp.zeros((rows, nodes), jnp.int32),
-                    down=jnp.full((rows, nodes), NEVER, jnp.int32),
-                    joins=jnp.broadcast_to(counter, (rows, nodes))),
-        counter=counter)
-    return init_sim_state(key, NodeState(broadcast(model0, nodes), ()), extra)
-
-  def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, online: jax.Array):
-    """Each participant probes its ranking ``cand [s, C]`` of round r+1 in order
-    until ``a`` candidates answer. Returns (chosen [s, a], chosen_ok [s, a],
-    probed [s, C], responsive [s, C], probe seconds [s])."""
-    responsive = cand_valid & online[cand]  # [s, C]
-    is_agg = responsive & (jnp.cumsum(responsive, axis=1) <= a)  # [s, C]
-    last_probe = jnp.max(jnp.where(is_agg, jnp.arange(candidates), -1), axis=1)  # [s]
-    probed = cand_valid & (jnp.arange(candidates) <= last_probe[:, None])  # [s, C]
-    rtt = 2 * network.transfer_seconds(sample[:, None], cand, 0)  # [s, C]
-    seconds = jnp.sum(jnp.where(probed, jnp.where(responsive, rtt, ping_timeout), 0.0), axis=1)
-    positions = jnp.argsort(jnp.where(is_agg, 0, 1), axis=1, stable=True)[:, :a]  # [s, a]
-    chosen = jnp.take_along_axis(cand, positions, axis=1)
-    chosen_ok = jnp.take_along_axis(is_agg, positions, axis=1)
-    return chosen, chosen_ok, probed, responsive, seconds
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
-    r, ex, online = state.round, state.extra, state.available  # online [N]
+    return modest_round(settings, learner, network, availability, state, data,
+                        vc=variance_correction)  # a function (chex counts traces)
+
+  return Protocol(functools.partial(modest_init, settings, learner, availability), round_,
+                  modest_model)
+
+
+def modest_model(state: SimState) -> Params:
+  """The model MoDeST delivers: the first aggregate of the last round."""
+  first = jnp.argmin(state.extra.agg_done)
+  return jax.tree.map(lambda p: p[first], state.extra.agg_params)
+
+
+def modest_init(settings: ModestSettings, learner: Learner, availability, key: PRNGKey,
+                data: NodeData) -> SimState:
+  """One model everywhere; the first ``a`` members hold it as round 0's aggregates."""
+  del data
+  nodes, a = settings.nodes, settings.aggregators
+  model0 = learner.init_params(jax.random.fold_in(key, Stream.INIT))
+  member = jnp.ones((nodes,), bool)
+  if availability is not None:
+    member = availability(key, jnp.int32(0), jnp.float32(0)).member
+  counter = member.astype(jnp.int32)  # members have joined once
+  rows = nodes if settings.local else 1
+  holders = jnp.argsort(~member, stable=True)[:a].astype(jnp.int32)  # first a members: model0
+  extra = ModestState(
+      agg_params=broadcast(model0, a), agg_ids=holders,
+      agg_done=jnp.zeros((a,), jnp.float32),
+      views=Views(seen=jnp.zeros((rows, nodes), jnp.int32),
+                  down=jnp.full((rows, nodes), NEVER, jnp.int32),
+                  joins=jnp.broadcast_to(counter, (rows, nodes))),
+      counter=counter)
+  return init_sim_state(key, NodeState(broadcast(model0, nodes), ()), extra)
+
+
+# ------------------------------------------------------------------ views and sampling
+
+
+def views_of(vw: Views, ids: jax.Array, online: jax.Array, counter: jax.Array,
+             r: jax.Array) -> Views:
+  """Per-node views ``[N, N]``: the views of nodes ``ids [k]`` -> ``[k, N]``, where an
+  online node knows its own record (seen now, its own membership counter)."""
+  nodes = vw.seen.shape[1]
+  rows = jax.tree.map(lambda f: f[ids], vw)
+  me = (jnp.arange(nodes, dtype=jnp.int32)[None, :] == ids[:, None]) & online[ids][:, None]
+  return rows.replace(seen=jnp.where(me, r, rows.seen),
+                      joins=jnp.where(me, counter[None, :], rows.joins))
+
+
+def merge_views(a: Views, b: Views) -> Views:
+  """Element-wise max of two views (broadcasting): commutative, idempotent."""
+  return jax.tree.map(jnp.maximum, a, b)
+
+
+def ranking_view(settings: ModestSettings, state: SimState) -> jax.Array:
+  """``[N] bool``: the nodes active in the view that ranks round r's sample (global view,
+  or the view of the first aggregator of round r - 1, which sends the model)."""
+  r, ex = state.round, state.extra
+  if settings.local:
+    first = ex.agg_ids[jnp.argmin(ex.agg_done)][None]
+    vw = views_of(ex.views, first, state.available, ex.counter, r)
+  else:
     vw = ex.views
+  return active_in(vw, 0, r, settings.inactivity_threshold)
 
-    def views_of(ids: jax.Array) -> Views:  # local: the views of nodes ids [k] -> [k, N]
-      rows = jax.tree.map(lambda f: f[ids], vw)
-      me = (node_ids[None, :] == ids[:, None]) & online[ids][:, None]  # a node knows itself
-      return rows.replace(seen=jnp.where(me, r, rows.seen),
-                          joins=jnp.where(me, ex.counter[None, :], rows.joins))
 
-    if local:  # the first aggregator of round r-1 ranks the sample (it sends the model)
-      ranking_view = active_in(views_of(ex.agg_ids[jnp.argmin(ex.agg_done)][None]), 0, r,
-                               inactivity_threshold)
-    else:
-      ranking_view = active_in(vw, 0, r, inactivity_threshold)
-    sample, in_view = hash_ranking(state.key, r, ranking_view, s)
-    live = in_view & online[sample]  # [s] participants that train
-    n_live = jnp.sum(live, dtype=jnp.int32)
+def next_candidates(settings: ModestSettings, state: SimState, view: jax.Array,
+                    sample: jax.Array, prev_ok: jax.Array):
+  """Every participant's ranking of round r+1: (cand [s, C], cand_valid [s, C], the
+  participants' views merged with the aggregates' [s, N] (local mode) or None)."""
+  r, ex, s, c = state.round, state.extra, settings.sample_size, settings.candidates
+  if not settings.local:
+    cand, cand_valid = hash_ranking(state.key, r + 1, view, c)
+    return jnp.broadcast_to(cand, (s, c)), jnp.broadcast_to(cand_valid, (s, c)), None
+  of = functools.partial(views_of, ex.views, online=state.available, counter=ex.counter, r=r)
+  received = jax.tree.map(lambda f: jnp.max(jnp.where(prev_ok[:, None], f, NEVER), axis=0),
+                          of(ex.agg_ids))  # [N] the aggregates' views
+  part_vw = jax.tree.map(lambda f, g: jnp.maximum(f, g[None]), of(sample), received)  # [s, N]
+  rank = jax.vmap(functools.partial(hash_ranking, state.key, r + 1, count=c))
+  cand, cand_valid = rank(active_in(part_vw, jnp.arange(s), r, settings.inactivity_threshold))
+  return cand, cand_valid, part_vw
 
-    # Each participant trains the first aggregate to reach it.
-    prev_ok = jnp.isfinite(ex.agg_done)  # [a]
-    arrive = ex.agg_done[None, :] + network.transfer_seconds(
-        ex.agg_ids[None, :], sample[:, None], model_bytes)  # [s, a]
-    first = jnp.argmin(arrive, axis=1)  # [s]
-    start = jnp.min(arrive, axis=1)  # [s]
-    params = jax.tree.map(lambda p: p[first], ex.agg_params)  # [s, ...]
-    opt_state = jax.vmap(learner.tx.init)(params)
-    result = train_nodes(learner, params, opt_state, node_keys(state.key, r, sample, Stream.BATCH),
-                         data, rows=sample)
-    steps = jnp.where(live, result.steps, 0)
-    trained = start + network.compute_seconds(sample, steps * learner.batch_size)  # [s]
 
-    # Participants' views: their own merged with the aggregates' (local mode).
-    if local:
-      received = jax.tree.map(lambda f: jnp.max(jnp.where(prev_ok[:, None], f, NEVER), axis=0),
-                              views_of(ex.agg_ids))  # [N] the aggregates' views
-      part_vw = jax.tree.map(lambda f, g: jnp.maximum(f, g[None]), views_of(sample),
-                             received)  # [s, N]
-      cand, cand_valid = jax.vmap(lambda e: hash_ranking(state.key, r + 1, e, candidates))(
-          active_in(part_vw, jnp.arange(s), r, inactivity_threshold))  # [s, C]
-    else:
-      cand, cand_valid = hash_ranking(state.key, r + 1, ranking_view, candidates)
-      cand, cand_valid = (jnp.broadcast_to(x, (s, candidates)) for x in (cand, cand_valid))
+def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, online: jax.Array,
+          network: Network, aggregators: int, ping_timeout: float):
+  """Each participant ``sample [s]`` probes its ranking ``cand [s, C]`` of round r+1 in
+  order until ``aggregators`` candidates answer; an offline candidate costs
+  ``ping_timeout``, a live one a round trip. Returns (chosen [s, a], chosen_ok [s, a],
+  probed [s, C], responsive [s, C], probe seconds [s])."""
+  a, candidates = aggregators, cand.shape[1]
+  responsive = cand_valid & online[cand]  # [s, C]
+  is_agg = responsive & (jnp.cumsum(responsive, axis=1) <= a)  # [s, C]
+  last_probe = jnp.max(jnp.where(is_agg, jnp.arange(candidates), -1), axis=1)  # [s]
+  probed = cand_valid & (jnp.arange(candidates) <= last_probe[:, None])  # [s, C]
+  rtt = 2 * network.transfer_seconds(sample[:, None], cand, 0)  # [s, C]
+  seconds = jnp.sum(jnp.where(probed, jnp.where(responsive, rtt, ping_timeout), 0.0), axis=1)
+  positions = jnp.argsort(jnp.where(is_agg, 0, 1), axis=1, stable=True)[:, :a]  # [s, a]
+  chosen = jnp.take_along_axis(cand, positions, axis=1)
+  chosen_ok = jnp.take_along_axis(is_agg, positions, axis=1)
+  return chosen, chosen_ok, probed, responsive, seconds
 
-    # Aggregators: the first a responsive nodes of the next sample, probed in hash order.
-    chosen, chosen_ok, probed, responsive, probe_seconds = probe(cand, cand_valid, sample, online)
-    lead = jnp.argmax(live)  # the first live participant's aggregators are the round's
-    agg_ids, agg_valid = chosen[lead], chosen_ok[lead]  # [a]
-    sends = jnp.any(chosen_ok[:, :, None] & (chosen[:, :, None] == agg_ids[None, None, :]), axis=1)
-    sends &= live[:, None] & agg_valid[None, :]  # [s, a]: participant -> aggregator slot
-    sent_at = trained + probe_seconds  # [s]
 
-    # Each aggregator averages the first ceil(sf * s) models to arrive.
-    arrival = sent_at[:, None] + network.transfer_seconds(sample[:, None], agg_ids[None, :],
-                                                          model_bytes)  # [s, a]
-    arrival = jnp.where(sends, arrival, jnp.inf)
-    n_sent = jnp.sum(sends, axis=0, dtype=jnp.int32)  # [a]
-    need = jnp.minimum(wait_for, n_sent)  # [a]
-    take = jnp.argsort(jnp.argsort(arrival, axis=0), axis=0) < need[None, :]  # [s, a]
-    take &= jnp.isfinite(arrival)
-    done = jnp.max(jnp.where(take, arrival, -jnp.inf), axis=0)  # [a]
-    done += jnp.where(n_sent < wait_for, ping_timeout, 0.0)  # waited in vain for the missing ones
-    ok = agg_valid & (n_sent > 0)  # [a]
-    weights = take / jnp.maximum(jnp.sum(take, axis=0, keepdims=True), 1)  # [s, a]
-    averaged = jax.tree.map(lambda p: jnp.tensordot(weights.T.astype(p.dtype), p, axes=1),
-                            result.params)  # [a, ...]
-    if variance_correction is not None:  # Tian et al. 2024, at every aggregator
-      averaged = _correct(variance_correction, averaged, ex.agg_params, result.params, weights)
-    any_ok = jnp.any(ok)
-    stalled_until = state.clock + ping_timeout
+def plan_round(settings: ModestSettings, network: Network, state: SimState, view: jax.Array,
+               sample: jax.Array, live: jax.Array, prev_ok: jax.Array):
+  """The aggregators each participant finds and where it sends. Returns (RoundPlan,
+  probe seconds [s])."""
+  cand, cand_valid, part_vw = next_candidates(settings, state, view, sample, prev_ok)
+  chosen, chosen_ok, probed, responsive, seconds = probe(
+      cand, cand_valid, sample, state.available, network, settings.aggregators,
+      settings.ping_timeout)
+  lead = jnp.argmax(live)  # the first live participant's aggregators are the round's
+  agg_ids, agg_valid = chosen[lead], chosen_ok[lead]  # [a]
+  sends = jnp.any(chosen_ok[:, :, None] & (chosen[:, :, None] == agg_ids[None, None, :]), axis=1)
+  sends &= live[:, None] & agg_valid[None, :]  # [s, a]: participant -> aggregator slot
+  plan = RoundPlan(sample=sample, live=live, cand=cand, probed=probed, responsive=responsive,
+                   chosen_ok=chosen_ok, agg_ids=agg_ids, agg_valid=agg_valid, sends=sends,
+                   part_vw=part_vw)
+  return plan, seconds
 
-    # Membership changes of this round, then the views.
-    member = ex.counter % 2 == 1
-    if availability is not None:
-      member = availability(state.key, r, state.clock).member
-    changed = member != (ex.counter % 2 == 1)  # [N]
-    counter = ex.counter + changed
-    timed_out = probed & ~responsive & live[:, None]  # [s, C]
-    part = jnp.where(live, sample, nodes)  # out-of-range ids are dropped
-    agg_rows = jnp.where(agg_valid, agg_ids, nodes)  # [a]
-    if local:
-      is_agg = jnp.zeros((nodes,), bool).at[agg_rows].set(True, mode='drop')  # [N]
-      is_part = jnp.zeros((nodes,), bool).at[part].set(True, mode='drop')  # [N]
-      heartbeat = (online | changed) & ~is_part  # [N] nodes whose record no model carries
-      vw = _merge_local_views(vw, part_vw, cand, timed_out, sends, part, agg_rows,
-                              beat_seen=jnp.where(heartbeat & online, r, NEVER),
-                              beat_joins=jnp.where(heartbeat, counter, NEVER), r=r)
-    else:
-      down_ids = jnp.where(jnp.any(timed_out, axis=0), cand[0], nodes)  # [C]
-      vw = Views(seen=jnp.where(online, r, vw.seen),
-                 down=vw.down.at[0, down_ids].set(r, mode='drop'), joins=counter[None])
 
-    new_extra = ex.replace(
-        agg_params=jax.tree.map(lambda new, old: jnp.where(any_ok, new, old), averaged,
-                                ex.agg_params),
-        agg_ids=jnp.where(any_ok, agg_ids, ex.agg_ids),
-        agg_done=jnp.where(any_ok, jnp.where(ok, done, jnp.inf),
-                           jnp.full((a,), stalled_until)),
-        views=vw, counter=counter)
-    clock = jnp.min(new_extra.agg_done)
+# ------------------------------------------------------------------ training and aggregation
 
-    # Messages: uploads to every chosen aggregator (+ view), the previous aggregators'
-    # downloads to the live sample (+ view), pings and the replies of live candidates,
-    # and (local views) heartbeats to the aggregators.
-    uploads = jnp.sum(chosen_ok, axis=1, dtype=jnp.int32) * live  # [s]
-    sent = state.sent.at[part, MODEL].add(uploads, mode='drop')
-    sent = sent.at[part, VIEW].add(uploads, mode='drop')
-    prev = jnp.where(prev_ok, ex.agg_ids, nodes)
-    sent = sent.at[prev, MODEL].add(n_live, mode='drop').at[prev, VIEW].add(n_live, mode='drop')
-    probes = jnp.sum(probed, axis=1, dtype=jnp.int32) * live  # [s]
-    replies = probed & responsive & live[:, None]  # [s, C]
-    sent = sent.at[part, PING].add(probes, mode='drop')
-    sent = sent.at[jnp.where(replies, cand, nodes), PING].add(1, mode='drop')
-    pings = jnp.sum(probes) + jnp.sum(replies, dtype=jnp.int32)
-    if local:
-      beats = (jnp.sum(agg_valid, dtype=jnp.int32) - is_agg) * heartbeat  # [N] to the others
-      sent = sent.at[:, PING].add(beats)
-      pings += jnp.sum(beats)
-    models = jnp.sum(uploads) + n_live * jnp.sum(prev_ok, dtype=jnp.int32)
 
-    node_params = jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
-                               state.nodes.params, result.params)
-    new_state = state.replace(round=r + 1, nodes=state.nodes.replace(params=node_params),
-                              clock=clock, sent=sent, extra=new_extra)
-    metrics = RoundMetrics(
-        train_loss=jnp.sum(result.loss * live) / jnp.maximum(n_live, 1),
-        sim_seconds=clock - state.clock,
-        messages=jnp.stack([models, models, pings]).astype(jnp.int32),
-        active_nodes=n_live,
-        node_steps=jnp.sum(steps))
-    return new_state, metrics
+def train_sample(settings: ModestSettings, learner: Learner, network: Network, state: SimState,
+                 data: NodeData, sample: jax.Array,
+                 live: jax.Array) -> tuple[LocalResult, jax.Array, jax.Array]:
+  """Each participant trains the first aggregate to reach it. Returns (the local
+  result, steps [s] (0 if not live), the time each finished training [s])."""
+  r, ex = state.round, state.extra
+  arrive = ex.agg_done[None, :] + network.transfer_seconds(
+      ex.agg_ids[None, :], sample[:, None], settings.model_bytes)  # [s, a]
+  first = jnp.argmin(arrive, axis=1)  # [s]
+  start = jnp.min(arrive, axis=1)  # [s]
+  params = jax.tree.map(lambda p: p[first], ex.agg_params)  # [s, ...]
+  opt_state = jax.vmap(learner.tx.init)(params)
+  result = train_nodes(learner, params, opt_state, node_keys(state.key, r, sample, Stream.BATCH),
+                       data, rows=sample)
+  steps = jnp.where(live, result.steps, 0)
+  trained = start + network.compute_seconds(sample, steps * learner.batch_size)  # [s]
+  return result, steps, trained
 
-  def model(state: SimState) -> Params:
-    first = jnp.argmin(state.extra.agg_done)
-    return jax.tree.map(lambda p: p[first], state.extra.agg_params)
 
-  return Protocol(init, round_, model)
+def collect(settings: ModestSettings, network: Network, plan: RoundPlan,
+            sent_at: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each aggregator takes the first ceil(sf * s) models to arrive (sent at
+  ``sent_at [s]``). Returns (take [s, a] bool, done [a] time it had them, or waited a
+  ping timeout in vain for the missing ones, n_sent [a] models sent to it)."""
+  arrival = sent_at[:, None] + network.transfer_seconds(
+      plan.sample[:, None], plan.agg_ids[None, :], settings.model_bytes)  # [s, a]
+  arrival = jnp.where(plan.sends, arrival, jnp.inf)
+  n_sent = jnp.sum(plan.sends, axis=0, dtype=jnp.int32)  # [a]
+  need = jnp.minimum(settings.wait_for, n_sent)  # [a]
+  take = jnp.argsort(jnp.argsort(arrival, axis=0), axis=0) < need[None, :]  # [s, a]
+  take &= jnp.isfinite(arrival)
+  done = jnp.max(jnp.where(take, arrival, -jnp.inf), axis=0)  # [a]
+  done += jnp.where(n_sent < settings.wait_for, settings.ping_timeout, 0.0)
+  return take, done, n_sent
+
+
+def aggregate(models: Stacked, weights: jax.Array) -> Params:
+  """One aggregator's model: the mean of ``models`` (leaves ``[s, ...]``) weighted by
+  ``weights [s]`` (0: not received); all zero gives zeros. MoDeST's weights are 0/1,
+  so this is the unweighted mean of the models received."""
+  total = jnp.sum(weights)
+  w = weights / jnp.where(total > 0, total, 1)  # [s]
+  return jax.tree.map(lambda p: jnp.tensordot(w.astype(p.dtype), p, axes=1), models)
+
+
+def take_weights(take: jax.Array) -> jax.Array:
+  """Normalised weights ``[s, a]`` of each aggregator's averaging: 1/count per taken model."""
+  return take / jnp.maximum(jnp.sum(take, axis=0, keepdims=True), 1)
+
+
+# ------------------------------------------------------------------ views and messages
+
+
+def membership(availability, state: SimState) -> tuple[jax.Array, jax.Array]:
+  """This round's membership counters ``[N]`` and which nodes joined or left ``[N]``."""
+  ex = state.extra
+  member = ex.counter % 2 == 1
+  if availability is not None:
+    member = availability(state.key, state.round, state.clock).member
+  changed = member != (ex.counter % 2 == 1)  # [N]
+  return ex.counter + changed, changed
+
+
+def global_views(vw: Views, online: jax.Array, counter: jax.Array, cand: jax.Array,
+                 timed_out: jax.Array, r: jax.Array) -> Views:
+  """The shared view ``[1, N]`` after round r: online nodes seen, timed-out probes down,
+  membership counters current."""
+  down_ids = jnp.where(jnp.any(timed_out, axis=0), cand[0], online.shape[0])  # [C]
+  return Views(seen=jnp.where(online, r, vw.seen),
+               down=vw.down.at[0, down_ids].set(r, mode='drop'), joins=counter[None])
+
+
+def node_flags(ids: jax.Array, nodes: int) -> jax.Array:
+  """``[N] bool``: True at ``ids`` (out-of-range ids are dropped)."""
+  return jnp.zeros((nodes,), bool).at[ids].set(True, mode='drop')
+
+
+def new_views(settings: ModestSettings, state: SimState, plan: RoundPlan, counter: jax.Array,
+              changed: jax.Array) -> tuple[Views, jax.Array | None]:
+  """Views after the round, and (local views) the nodes that send heartbeats ``[N]``."""
+  r, online, nodes = state.round, state.available, settings.nodes
+  timed_out = plan.probed & ~plan.responsive & plan.live[:, None]  # [s, C]
+  if not settings.local:
+    return global_views(state.extra.views, online, counter, plan.cand, timed_out, r), None
+  part = jnp.where(plan.live, plan.sample, nodes)  # out-of-range ids are dropped
+  agg_rows = jnp.where(plan.agg_valid, plan.agg_ids, nodes)  # [a]
+  heartbeat = (online | changed) & ~node_flags(part, nodes)  # [N] no model carries their record
+  vw = _merge_local_views(state.extra.views, plan.part_vw, plan.cand, timed_out, plan.sends,
+                          part, agg_rows, beat_seen=jnp.where(heartbeat & online, r, NEVER),
+                          beat_joins=jnp.where(heartbeat, counter, NEVER), r=r)
+  return vw, heartbeat
+
+
+def message_counts(settings: ModestSettings, state: SimState, plan: RoundPlan,
+                   prev_ok: jax.Array, heartbeat: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Messages of the round: uploads to every chosen aggregator (+ view), the previous
+  aggregators' downloads to the live sample (+ view), pings and the replies of live
+  candidates, and (local views) heartbeats to the aggregators. Returns (per-node
+  counts ``sent [N, K]`` so far, this round's ``[K]``)."""
+  nodes, live = settings.nodes, plan.live
+  n_live = jnp.sum(live, dtype=jnp.int32)
+  part = jnp.where(live, plan.sample, nodes)
+  uploads = jnp.sum(plan.chosen_ok, axis=1, dtype=jnp.int32) * live  # [s]
+  sent = state.sent.at[part, MODEL].add(uploads, mode='drop')
+  sent = sent.at[part, VIEW].add(uploads, mode='drop')
+  prev = jnp.where(prev_ok, state.extra.agg_ids, nodes)
+  sent = sent.at[prev, MODEL].add(n_live, mode='drop').at[prev, VIEW].add(n_live, mode='drop')
+  probes = jnp.sum(plan.probed, axis=1, dtype=jnp.int32) * live  # [s]
+  replies = plan.probed & plan.responsive & live[:, None]  # [s, C]
+  sent = sent.at[part, PING].add(probes, mode='drop')
+  sent = sent.at[jnp.where(replies, plan.cand, nodes), PING].add(1, mode='drop')
+  pings = jnp.sum(probes) + jnp.sum(replies, dtype=jnp.int32)
+  if heartbeat is not None:
+    is_agg = node_flags(jnp.where(plan.agg_valid, plan.agg_ids, nodes), nodes)  # [N]
+    beats = (jnp.sum(plan.agg_valid, dtype=jnp.int32) - is_agg) * heartbeat  # [N] to the others
+    sent = sent.at[:, PING].add(beats)
+    pings += jnp.sum(beats)
+  models = jnp.sum(uploads) + n_live * jnp.sum(prev_ok, dtype=jnp.int32)
+  return sent, jnp.stack([models, models, pings]).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ a round
+
+
+def next_aggregates(settings: ModestSettings, state: SimState, plan: RoundPlan, averaged: Stacked,
+                    done: jax.Array, n_sent: jax.Array) -> ModestState:
+  """The aggregates that start round r+1; if no aggregator got a model the old ones
+  stay and are resent after a ping timeout."""
+  ex = state.extra
+  ok = plan.agg_valid & (n_sent > 0)  # [a]
+  any_ok = jnp.any(ok)
+  stalled_until = state.clock + settings.ping_timeout
+  return ex.replace(
+      agg_params=jax.tree.map(lambda new, old: jnp.where(any_ok, new, old), averaged,
+                              ex.agg_params),
+      agg_ids=jnp.where(any_ok, plan.agg_ids, ex.agg_ids),
+      agg_done=jnp.where(any_ok, jnp.where(ok, done, jnp.inf),
+                         jnp.full((settings.aggregators,), stalled_until)))
+
+
+def modest_round(settings: ModestSettings, learner: Learner, network: Network, availability,
+                 state: SimState, data: NodeData, *,
+                 vc: mixing.VarianceCorrection | None = None,
+                 aggregate_fn: Callable[[Stacked, jax.Array], Params] = aggregate,
+                 ) -> tuple[SimState, RoundMetrics]:
+  """One MoDeST round: sample, train, probe for aggregators, aggregate, update views.
+  ``aggregate_fn(models [s, ...], weights [s]) -> params`` is every aggregator's rule."""
+  r, ex = state.round, state.extra
+  view = ranking_view(settings, state)
+  sample, in_view = hash_ranking(state.key, r, view, settings.sample_size)
+  live = in_view & state.available[sample]  # [s] participants that train
+  n_live = jnp.sum(live, dtype=jnp.int32)
+  prev_ok = jnp.isfinite(ex.agg_done)  # [a]
+  result, steps, trained = train_sample(settings, learner, network, state, data, sample, live)
+  plan, probe_seconds = plan_round(settings, network, state, view, sample, live, prev_ok)
+  take, done, n_sent = collect(settings, network, plan, trained + probe_seconds)
+  averaged = jax.vmap(aggregate_fn, in_axes=(None, 1))(result.params, take)  # [a, ...]
+  if vc is not None:  # Tian et al. 2024, at every aggregator
+    averaged = _correct(vc, averaged, ex.agg_params, result.params, take_weights(take))
+  counter, changed = membership(availability, state)
+  vw, heartbeat = new_views(settings, state, plan, counter, changed)
+  new_extra = next_aggregates(settings, state, plan, averaged, done, n_sent).replace(
+      views=vw, counter=counter)
+  clock = jnp.min(new_extra.agg_done)
+  sent, messages = message_counts(settings, state, plan, prev_ok, heartbeat)
+  part = jnp.where(live, sample, settings.nodes)
+  node_params = jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
+                             state.nodes.params, result.params)
+  new_state = state.replace(round=r + 1, nodes=state.nodes.replace(params=node_params),
+                            clock=clock, sent=sent, extra=new_extra)
+  metrics = RoundMetrics(
+      train_loss=jnp.sum(result.loss * live) / jnp.maximum(n_live, 1),
+      sim_seconds=clock - state.clock, messages=messages, active_nodes=n_live,
+      node_steps=jnp.sum(steps))
+  return new_state, metrics
 
 
 def _correct(vc: mixing.VarianceCorrection, averaged: Stacked, previous: Stacked,
@@ -312,8 +480,7 @@ def _correct(vc: mixing.VarianceCorrection, averaged: Stacked, previous: Stacked
   var = mixing.layer_variance(trained, vc.unbiased)  # [s] per leaf
   received = jax.tree.map(lambda v: weights.T @ v, var)  # [a] per leaf
   own = mixing.layer_variance(previous, vc.unbiased)  # [a] per leaf
-  return mixing.variance_correct(averaged, mixing.correction_target(vc, own, received, received),
-                                 vc)
+  return mixing.variance_correct(averaged, mixing.received_target(vc, own, received), vc)
 
 
 def _merge_local_views(vw: Views, part_vw: Views, cand: jax.Array, timed_out: jax.Array,

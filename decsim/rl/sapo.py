@@ -22,6 +22,7 @@ All nodes run the same verifier program, so re-scoring the pool once is what
 every node's own re-scoring would give.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -126,102 +127,147 @@ def shared_bytes(prompt: jax.Array, completions: jax.Array) -> jax.Array:
 
 def sapo(policy: policy_lib.Policy, config: SapoConfig) -> Sapo:
   """Builds SAPO's ``init`` and ``round`` for ``config.nodes`` policies."""
-  n, i, j, g = config.nodes, config.local_groups, config.external_groups, config.generations
   if config.filter not in FILTERS:
     raise ValueError(f'--filter={config.filter!r} is unknown: choose one of {", ".join(FILTERS)}')
   tx, update = grpo_lib.make_grpo(policy, config.grpo)
-  use_ref = config.grpo.kl_coef > 0
-  node_ids = jnp.arange(n)
-  source = config.source
 
   def init(key: PRNGKey, params: Stacked) -> SapoState:
-    history = None
-    if config.staleness > 0:  # d empty pools (all sharers offline)
-      pool = jax.eval_shape(lambda k: share(k, 0, params, jnp.ones((n,), bool)), key)
-      history = jax.tree.map(lambda x: jnp.zeros((config.staleness, *x.shape), x.dtype), pool)
-    return SapoState(round=jnp.zeros((), jnp.int32), key=key,
-                     nodes=NodeState(params, jax.vmap(tx.init)(params)),
-                     bytes_shared=jnp.zeros((n,), jnp.int32), history=history,
-                     ref_params=params if use_ref else None)
-
-  def rollout(params, key, prompts):  # one node: prompts [I, P] -> completions [I, G, T]
-    flat = jnp.repeat(prompts, g, axis=0)  # [I*G, P]
-    out = policy_lib.sample(policy, params, key, flat, config.completion_len, config.temperature)
-    return out.reshape(i, g, config.completion_len)
-
-  def share(key, r, params, online) -> Pool:
-    """Every node's I questions and G completions each, scored by the source's verifier."""
-    qkeys = rng.node_keys(key, r, node_ids, rng.Stream.TASK)
-    q = jax.vmap(lambda k: source.sample(k, (i,), config.task_mix))(qkeys)  # [N, I, ...]
-    skeys = rng.node_keys(key, r, node_ids, rng.Stream.ROLLOUT)
-    completions = map_nodes(rollout, config.node_chunk)(params, skeys, q.prompt)  # [N, I, G, T]
-    return Pool(q, completions, source.score(completions, q), online)  # rewards [N, I, G]
-
-  def train(params, opt_state, batch, ref_params):
-    return update(params, opt_state, batch, ref_params if use_ref else None)
+    return sapo_init(policy, config, tx, key, params)
 
   def round_(state: SapoState) -> tuple[SapoState, SapoMetrics]:
-    r = state.round
-    params = state.nodes.params
-    if config.churn > 0:
-      online = ~jax.random.bernoulli(rng.round_key(state.key, r, rng.Stream.CHURN), config.churn, (n,))
-    else:
-      online = jnp.ones((n,), bool)
-
-    # 1. questions and rollouts, every node with its own policy and keys
-    pool = share(state.key, r, params, online)
-    q, completions, rewards = pool.questions, pool.completions, pool.rewards
-
-    # 2. the pool external groups come from: this round's, or round r - d's
-    history = state.history
-    shared = pool
-    if config.staleness > 0:
-      stale = jax.tree.map(lambda h: h[0], history)
-      shared = jax.tree.map(lambda old, new: jnp.where(r >= config.staleness, old, new), stale, pool)
-      history = jax.tree.map(lambda h, x: jnp.concatenate([h[1:], x[None]]), history, pool)
-
-    # 3. each node draws J groups of others and re-scores them with its verifier
-    if j > 0:
-      idx, valid = select_external(rng.round_key(state.key, r, rng.Stream.SAMPLE), shared.rewards,
-                                   shared.online, j, config.filter)  # [N, J]
-      flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
-      ext_q = jax.tree.map(flat, shared.questions)
-      ext_completions = flat(shared.completions)
-      ext_rewards = source.score(ext_completions, ext_q)
-      batch = grpo_lib.Batch(
-          prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [N, I+J, P]
-          completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
-          rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [N, I+J, G]
-          weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [N, I+J]
-    else:
-      valid = jnp.zeros((n, 0), bool)
-      batch = grpo_lib.Batch(q.prompt, completions, rewards, jnp.ones((n, i)))
-
-    # 4. one GRPO update per online node, vmapped (re-encoding happens inside)
-    ref = state.ref_params if use_ref else node_ids  # node_ids: a placeholder with a node axis
-    new_params, new_opt, stats = map_nodes(train, config.node_chunk)(
-        params, state.nodes.opt_state, batch, ref)
-    keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
-    nodes = NodeState(jax.tree.map(keep, new_params, params),
-                      jax.tree.map(keep, new_opt, state.nodes.opt_state))
-
-    sent = jnp.where(online, shared_bytes(q.prompt, completions), 0)  # [N]
-    onf = online.astype(jnp.float32)
-    active = jnp.maximum(onf.sum(), 1.0)
-    node_reward = rewards.mean((1, 2))
-    trained = batch.weight * onf[:, None]  # [N, I+J]
-    metrics = SapoMetrics(
-        reward=(node_reward * onf).sum() / active,
-        node_reward=node_reward,
-        exact=((rewards >= 1.0).mean((1, 2)) * onf).sum() / active,
-        loss=(stats.loss * onf).sum() / active,
-        external_groups=(valid.sum(-1) * onf).sum() / active,
-        signal_fraction=(grpo_lib.nonzero_advantage(batch.rewards) * trained).sum()
-        / jnp.maximum(trained.sum(), 1.0),
-        bytes_shared=sent.sum(),
-        active_nodes=online.sum().astype(jnp.int32))
-    new_state = state.replace(round=r + 1, nodes=nodes, bytes_shared=state.bytes_shared + sent,
-                              history=history)
-    return new_state, metrics
+    return sapo_round(policy, config, update, state)
 
   return Sapo(init, round_)
+
+
+def sapo_init(policy: policy_lib.Policy, config: SapoConfig, tx, key: PRNGKey,
+              params: Stacked) -> SapoState:
+  """Round 0: the given policies, fresh optimiser states, d empty pools (staleness d)."""
+  n = config.nodes
+  history = None
+  if config.staleness > 0:  # d empty pools (all sharers offline)
+    pool = jax.eval_shape(functools.partial(share, policy, config, r=0, params=params,
+                                            online=jnp.ones((n,), bool)), key)
+    history = jax.tree.map(lambda x: jnp.zeros((config.staleness, *x.shape), x.dtype), pool)
+  return SapoState(round=jnp.zeros((), jnp.int32), key=key,
+                   nodes=NodeState(params, jax.vmap(tx.init)(params)),
+                   bytes_shared=jnp.zeros((n,), jnp.int32), history=history,
+                   ref_params=params if config.grpo.kl_coef > 0 else None)
+
+
+def rollout(policy: policy_lib.Policy, config: SapoConfig, params: Any, key: PRNGKey,
+            prompts: jax.Array) -> jax.Array:
+  """One node's G completions of each of its prompts ``[I, P]``: ``[I, G, T]``."""
+  i, g = config.local_groups, config.generations
+  flat = jnp.repeat(prompts, g, axis=0)  # [I*G, P]
+  out = policy_lib.sample(policy, params, key, flat, config.completion_len, config.temperature)
+  return out.reshape(i, g, config.completion_len)
+
+
+def questions(source: tasks.TaskSource, shape: tuple[int, ...], mix: tuple[float, ...],
+              key: PRNGKey) -> tasks.Questions:
+  """One node's questions from ``source`` (leaves with leading ``shape``)."""
+  return source.sample(key, shape, mix)
+
+
+def share(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, r: jax.Array,
+          params: Stacked, online: jax.Array) -> Pool:
+  """Every node's I questions and G completions each, scored by the source's verifier."""
+  n, i, source = config.nodes, config.local_groups, config.source
+  node_ids = jnp.arange(n)
+  qkeys = rng.node_keys(key, r, node_ids, rng.Stream.TASK)
+  q = jax.vmap(functools.partial(questions, source, (i,), config.task_mix))(qkeys)  # [N, I, ...]
+  skeys = rng.node_keys(key, r, node_ids, rng.Stream.ROLLOUT)
+  completions = map_nodes(functools.partial(rollout, policy, config), config.node_chunk)(
+      params, skeys, q.prompt)  # [N, I, G, T]
+  return Pool(q, completions, source.score(completions, q), online)  # rewards [N, I, G]
+
+
+def online_nodes(config: SapoConfig, key: PRNGKey, r: jax.Array) -> jax.Array:
+  """``[N] bool``: the nodes online in round r (each offline with probability ``churn``)."""
+  n = config.nodes
+  if config.churn > 0:
+    return ~jax.random.bernoulli(rng.round_key(key, r, rng.Stream.CHURN), config.churn, (n,))
+  return jnp.ones((n,), bool)
+
+
+def stale_pool(config: SapoConfig, history: Any, pool: Pool, r: jax.Array) -> tuple[Pool, Any]:
+  """The pool external groups come from (round r's, or round r - d's once there is one)
+  and the history of the last d pools after round r."""
+  if config.staleness <= 0:
+    return pool, history
+  stale = jax.tree.map(lambda h: h[0], history)
+  shared = jax.tree.map(lambda old, new: jnp.where(r >= config.staleness, old, new), stale, pool)
+  history = jax.tree.map(lambda h, x: jnp.concatenate([h[1:], x[None]]), history, pool)
+  return shared, history
+
+
+def training_batch(config: SapoConfig, key: PRNGKey, r: jax.Array, pool: Pool,
+                   shared: Pool) -> tuple[grpo_lib.Batch, jax.Array]:
+  """Each node's I own groups plus J groups drawn from others' in ``shared``, re-scored
+  with its verifier. Returns (the GRPO batch, leaves [N, I+J, ...], valid [N, J])."""
+  n, i, j = config.nodes, config.local_groups, config.external_groups
+  q, completions, rewards = pool.questions, pool.completions, pool.rewards
+  if j == 0:
+    return grpo_lib.Batch(q.prompt, completions, rewards, jnp.ones((n, i))), jnp.zeros((n, 0), bool)
+  idx, valid = select_external(rng.round_key(key, r, rng.Stream.SAMPLE), shared.rewards,
+                               shared.online, j, config.filter)  # [N, J]
+  flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
+  ext_q = jax.tree.map(flat, shared.questions)
+  ext_completions = flat(shared.completions)
+  ext_rewards = config.source.score(ext_completions, ext_q)
+  batch = grpo_lib.Batch(
+      prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [N, I+J, P]
+      completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
+      rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [N, I+J, G]
+      weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [N, I+J]
+  return batch, valid
+
+
+def train_node(update, use_ref: bool, params: Any, opt_state: Any, batch: grpo_lib.Batch,
+               ref_params: Any):
+  """One node's GRPO update (``ref_params`` only with a KL term)."""
+  return update(params, opt_state, batch, ref_params if use_ref else None)
+
+
+def sapo_metrics(rewards: jax.Array, online: jax.Array, batch: grpo_lib.Batch, valid: jax.Array,
+                 loss: jax.Array, sent: jax.Array) -> SapoMetrics:
+  """The round's metrics over the online nodes (own ``rewards [N, I, G]``, ``loss [N]``)."""
+  onf = online.astype(jnp.float32)
+  active = jnp.maximum(onf.sum(), 1.0)
+  node_reward = rewards.mean((1, 2))
+  trained = batch.weight * onf[:, None]  # [N, I+J]
+  return SapoMetrics(
+      reward=(node_reward * onf).sum() / active,
+      node_reward=node_reward,
+      exact=((rewards >= 1.0).mean((1, 2)) * onf).sum() / active,
+      loss=(loss * onf).sum() / active,
+      external_groups=(valid.sum(-1) * onf).sum() / active,
+      signal_fraction=(grpo_lib.nonzero_advantage(batch.rewards) * trained).sum()
+      / jnp.maximum(trained.sum(), 1.0),
+      bytes_shared=sent.sum(),
+      active_nodes=online.sum().astype(jnp.int32))
+
+
+def sapo_round(policy: policy_lib.Policy, config: SapoConfig, update,
+               state: SapoState) -> tuple[SapoState, SapoMetrics]:
+  """One SAPO round: share, draw and re-score external groups, one GRPO step per online node."""
+  r, params = state.round, state.nodes.params
+  use_ref = config.grpo.kl_coef > 0
+  online = online_nodes(config, state.key, r)  # [N]
+  pool = share(policy, config, state.key, r, params, online)  # 1. rollouts
+  shared, history = stale_pool(config, state.history, pool, r)  # 2. this round's or r - d's
+  batch, valid = training_batch(config, state.key, r, pool, shared)  # 3. draws, re-scored
+  # 4. one GRPO update per online node, vmapped (re-encoding happens inside)
+  ref = state.ref_params if use_ref else jnp.arange(config.nodes)  # a placeholder node axis
+  new_params, new_opt, stats = map_nodes(functools.partial(train_node, update, use_ref),
+                                         config.node_chunk)(
+      params, state.nodes.opt_state, batch, ref)
+  keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+  nodes = NodeState(jax.tree.map(keep, new_params, params),
+                    jax.tree.map(keep, new_opt, state.nodes.opt_state))
+  sent = jnp.where(online, shared_bytes(pool.questions.prompt, pool.completions), 0)  # [N]
+  metrics = sapo_metrics(pool.rewards, online, batch, valid, stats.loss, sent)
+  new_state = state.replace(round=r + 1, nodes=nodes, bytes_shared=state.bytes_shared + sent,
+                            history=history)
+  return new_state, metrics
