@@ -9,13 +9,10 @@ and then each component's ``check`` for combinations of fields.
 
 import dataclasses
 
-from decsim import aggregation, mixing
+from decsim import mixing
 from decsim.config import Component, check, option
-from decsim.errors import ConfigError
 from decsim.data.sources import DATASETS
 from decsim.models import MODELS
-from decsim.protocols import gossip, modest
-from decsim.protocols.fedavg import WEIGHTINGS
 from decsim.topology import TOPOLOGIES
 
 MAX_SEED = 2 ** 31 - 1
@@ -102,8 +99,9 @@ class VarianceConfig(Component):
 class RunConfig(Component):
   """Run: nodes, rounds, evaluation, seeds, checkpoints, devices."""
 
-  protocol: str = option('fedavg', 'The protocol to simulate (see the README).',
-                         choices=('fedavg', 'dpsgd', 'gossip', 'modest'))
+  protocol: str = option('fedavg', 'The protocol to simulate: a name in the registry '
+                         '(decsim.protocols.registry), e.g. fedavg, fedprox, dpsgd, gossip, '
+                         'modest.')
   nodes: int = option(100, 'Number of nodes N.', low=1, high=100_000_000)
   rounds: int = option(300, 'Rounds to run (a multiple of --eval_every).', low=1,
                        high=2 ** 31 - 1)
@@ -135,78 +133,3 @@ class RunConfig(Component):
     check(self.replicas == 1 or self.devices == 1,
           f'--replicas={self.replicas} cannot be combined with --devices={self.devices}: run '
           'replicas on one device or shard one replica')
-
-
-@dataclasses.dataclass(frozen=True)
-class FedAvgConfig(Component):
-  """FedAvg and MoDeST: sampled clients."""
-
-  sample_size: int = option(10, 'FedAvg and MoDeST: clients sampled per round (s).', low=1)
-  weighting: str = option('data_size', 'FedAvg aggregation weights.',
-                          choices=WEIGHTINGS)
-  success_fraction: float = option(1.0, 'FedAvg/MoDeST: aggregate once ceil(sf * s) models '
-                                   'arrived; later ones are ignored.', low=0, high=1,
-                                   low_open=True)
-  aggregator: str = option('mean', 'FedAvg server aggregation: mean (weighted), median '
-                           '(coordinate-wise) or trimmed_mean (Yin et al. 2018).',
-                           choices=aggregation.AGGREGATORS)
-  trim_fraction: float = option(0.1, '--aggregator=trimmed_mean: fraction of the lowest and of '
-                                'the highest values dropped per coordinate.', low=0, high=0.5,
-                                high_open=True)
-  server_optimizer: str = option('sgd', 'FedAvg server optimizer on the pseudo-gradient (Reddi '
-                                 'et al. 2021); sgd with --server_lr=1 is plain FedAvg.',
-                                 choices=aggregation.SERVER_OPTIMIZERS)
-  server_lr: float = option(1.0, 'Server learning rate.', low=0, low_open=True)
-  server_momentum: float = option(0.0, 'Server momentum (--server_optimizer=sgd or momentum).',
-                                  low=0, high=1, high_open=True)
-
-  def check(self):
-    self.server()
-
-  def server(self) -> aggregation.ServerOptimizer:
-    try:
-      return aggregation.ServerOptimizer(self.server_optimizer, self.server_lr,
-                                         self.server_momentum)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModestConfig(Component):
-  """MoDeST (de Vos et al. 2023)."""
-
-  aggregators: int = option(1, 'MoDeST: aggregators per round (a).', low=1)
-  ping_timeout: float = option(2.0, 'MoDeST: simulated seconds a ping to a crashed candidate '
-                               'costs.', low=0)
-  inactivity_threshold: int = option(20, 'MoDeST: rounds without activity after which a node '
-                                     'leaves the samples.', low=1)
-  views: str = option('global', "MoDeST: one global view (fast) or every node's own view, an "
-                      '[N, N] matrix merged on every transfer.', choices=modest.VIEWS)
-
-
-@dataclasses.dataclass(frozen=True)
-class GossipConfig(Component):
-  """Gossip learning (Ormandi et al. 2013)."""
-
-  gossip_delta: int = option(10, "Gossip: mean ticks between a node's wake-ups (Delta).", low=1)
-  gossip_wake: str = option('uniform', 'Gossip wake-up jitter: uniform (0.8-1.2 Delta) or '
-                            'exponential (mean Delta).', choices=gossip.WAKES)
-  gossip_peers: str = option('random', 'Gossip push target: random (any node), neighbour (one '
-                             '--topology neighbour) or all_neighbours.',
-                             choices=gossip.PEERS)
-  gossip_merge: str = option('half', 'Gossip merge: age (age-weighted), half (0.5 self + 0.5 '
-                             'mean received), beta, replace (mean received).',
-                             choices=gossip.MERGES)
-  gossip_beta: float = option(0.5, 'Gossip --gossip_merge=beta: weight of the own model.',
-                              low=0, high=1)
-  gossip_buffer: int = option(1, 'Gossip: merge once this many models are held (1: on every '
-                              'arrival).', low=1)
-  gossip_partitions: int = option(1, 'Gossip model partitioning: send one of K partitions '
-                                  '(1: whole models).', low=1)
-  gossip_keep: float = option(1.0, 'Gossip sampling compression: send each weight with this '
-                              'probability (1: all).', low=0, high=1, low_open=True)
-  gossip_max_active: int = option(0, 'Gossip: model rows merged and trained per tick (0: all '
-                                  'N, masked).', low=0)
-  tick_seconds: float = option(1.0, 'Gossip: simulated seconds per tick (round).', low=0,
-                               low_open=True)
-

@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 from flax import struct
+from decsim.config import check
 from decsim.errors import ConfigError
 
 Neighbours = list[np.ndarray]  # N sorted int64 arrays, self excluded
@@ -367,3 +368,21 @@ def build_topology(name: str, nodes: int, *, degree: int = 4, p: float = 0.1,
     raise TopologyError(f'{name} graph with nodes={nodes} is disconnected: '
                         'change --topology or its parameters')
   return metropolis_hastings(nb)
+
+
+def check_graph(c) -> None:
+  """The graph checks of a decentralized protocol on the whole experiment config."""
+  check(c.nodes >= 2, f'--protocol={c.protocol} needs --nodes >= 2')
+  if c.topology == 'kregular':
+    check(c.degree < c.nodes,
+          f'--degree={c.degree} must be in 1..{c.nodes - 1} (below --nodes): lower --degree')
+    check(c.nodes * c.degree % 2 == 0,
+          f'--nodes={c.nodes} x --degree={c.degree} is odd: a k-regular graph needs an even '
+          'product; change --degree or --nodes')
+
+
+def from_config(c):
+  """The graph of ``--topology`` (a function of the round for one_peer_exponential)."""
+  if c.topology == 'one_peer_exponential':
+    return lambda r: one_peer_exponential(c.nodes, r)
+  return build_topology(c.topology, c.nodes, degree=c.degree, p=c.edge_probability, seed=c.seed)

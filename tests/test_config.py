@@ -49,7 +49,9 @@ def test_values_below_the_range_are_refused_whatever_the_protocol(field):
 
 def test_choices_are_enums_and_bad_types_are_refused():
   from launch import simulate
-  assert simulate.FLAGS['protocol'].parser.enum_values == ['fedavg', 'dpsgd', 'gossip', 'modest']
+  assert simulate.FLAGS['optimizer'].parser.enum_values == ['sgd', 'adam']
+  with pytest.raises(ConfigError, match='--protocol=.fedsgd. is unknown: choose one of .*fedavg'):
+    ExperimentConfig(protocol='fedsgd')  # protocols come from the registry, not an enum
   with pytest.raises(ConfigError, match='--nodes=.5. must be an integer'):
     ExperimentConfig(nodes='5')
   with pytest.raises(ConfigError, match='--resume=1 must be true or false'):

@@ -25,6 +25,14 @@ class Protocol(NamedTuple):
   # The model the protocol delivers: FedAvg's server model, the node average of
   # a decentralized protocol. Evaluation reads it.
   model: Callable[[SimState], Params]
+  # Protocols whose nodes hold different models return them here (leaves [N, ...]);
+  # evaluation then also scores individual nodes. None: one model (``model``).
+  node_models: Callable[[SimState], Stacked] | None = None
+  # Bytes of one message of each kind (network.KINDS); None: the model's size, a
+  # view of N entries and a ping (network.message_bytes).
+  message_bytes: tuple[int, ...] | None = None
+  # Extra values for the metrics rows, computed on the device at each evaluation.
+  extra_metrics: Callable[[SimState], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from decsim import mixing
+from decsim import topology as topology_lib
 from decsim.aggregation import MergeFn, mixing_merge
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, model_messages, uniform_network
+from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
 from decsim.rng import Stream, node_keys
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
@@ -107,3 +109,15 @@ def _models_sent_per_node(graph: Topology) -> jax.Array:
   n = graph.idx.shape[0]
   receives = (graph.weights > 0) & (graph.idx != jnp.arange(n)[:, None])  # [N, k]
   return jax.ops.segment_sum(receives.astype(jnp.int32).ravel(), graph.idx.ravel(), num_segments=n)
+
+
+def build(ctx: registry.BuildContext) -> Protocol:
+  c = ctx.config
+  protocol = dpsgd(ctx.learner, nodes=c.nodes, topology=topology_lib.from_config(c),
+                   mixing_mode=c.mixing, network=ctx.network,
+                   variance_correction=ctx.variance_correction)
+  return protocol._replace(node_models=lambda state: state.nodes.params)
+
+
+registry.register(registry.ProtocolSpec(
+    'dpsgd', build, 'D-PSGD (Lian et al., NeurIPS 2017)', topology_lib.check_graph))

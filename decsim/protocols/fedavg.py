@@ -33,15 +33,53 @@ import optax
 from flax import struct
 
 from decsim import aggregation, mixing
+from decsim.config import Component, check, option
+from decsim.errors import ConfigError
 from decsim.aggregation import AggState, Aggregator, ServerOptimizer
 from decsim.data.sampler import NodeData
-from decsim.network import MODEL, Network, model_messages, uniform_network
+from decsim.network import (MODEL, Network, lowest_median_latency_node, model_messages,
+                            uniform_network)
+from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol, broadcast, sample_available, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
 
 WEIGHTINGS = ('data_size', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig(Component):
+  """FedAvg and MoDeST: sampled clients."""
+
+  sample_size: int = option(10, 'FedAvg and MoDeST: clients sampled per round (s).', low=1)
+  weighting: str = option('data_size', 'FedAvg aggregation weights.',
+                          choices=WEIGHTINGS)
+  success_fraction: float = option(1.0, 'FedAvg/MoDeST: aggregate once ceil(sf * s) models '
+                                   'arrived; later ones are ignored.', low=0, high=1,
+                                   low_open=True)
+  aggregator: str = option('mean', 'FedAvg server aggregation: mean (weighted), median '
+                           '(coordinate-wise) or trimmed_mean (Yin et al. 2018).',
+                           choices=aggregation.AGGREGATORS)
+  trim_fraction: float = option(0.1, '--aggregator=trimmed_mean: fraction of the lowest and of '
+                                'the highest values dropped per coordinate.', low=0, high=0.5,
+                                high_open=True)
+  server_optimizer: str = option('sgd', 'FedAvg server optimizer on the pseudo-gradient (Reddi '
+                                 'et al. 2021); sgd with --server_lr=1 is plain FedAvg.',
+                                 choices=aggregation.SERVER_OPTIMIZERS)
+  server_lr: float = option(1.0, 'Server learning rate.', low=0, low_open=True)
+  server_momentum: float = option(0.0, 'Server momentum (--server_optimizer=sgd or momentum).',
+                                  low=0, high=1, high_open=True)
+
+  def check(self):
+    self.server()
+
+  def server(self) -> aggregation.ServerOptimizer:
+    try:
+      return aggregation.ServerOptimizer(self.server_optimizer, self.server_lr,
+                                         self.server_momentum)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 @struct.dataclass
@@ -208,3 +246,27 @@ def _correct(vc: mixing.VarianceCorrection, averaged: Params, old_global: Params
                                   weight=jnp.sum(weights)[None])
   corrected = mixing.variance_correct(broadcast(averaged, 1), target, vc)
   return jax.tree.map(lambda x: x[0], corrected)
+
+
+def check_sampled(c) -> None:
+  """Checks of the sampled protocols (FedAvg, FedProx, MoDeST) on the whole config."""
+  check(c.sample_size <= c.nodes,
+        f'--sample_size={c.sample_size} must be in 1..--nodes={c.nodes}: lower --sample_size')
+  check(c.init == 'shared', f'--init=independent has no meaning for --protocol={c.protocol} '
+        '(one model travels between clients); drop --init or use a decentralized protocol')
+
+
+def build(ctx: registry.BuildContext, learner: Learner | None = None) -> Protocol:
+  """FedAvg from an experiment config; the server sits on the lowest-median-latency node."""
+  c = ctx.config
+  return fedavg(learner or ctx.learner, nodes=c.nodes, sample_size=c.sample_size,
+                weighting=c.weighting, network=ctx.network,
+                server=lowest_median_latency_node(ctx.network),
+                success_fraction=c.success_fraction,
+                variance_correction=ctx.variance_correction,
+                aggregator=aggregation.make_aggregator(c.aggregator, c.trim_fraction),
+                server_optimizer=c.server())
+
+
+registry.register(registry.ProtocolSpec(
+    'fedavg', build, 'FedAvg (McMahan et al., AISTATS 2017)', check_sampled, FedAvgConfig))

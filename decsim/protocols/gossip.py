@@ -71,8 +71,12 @@ import jax.numpy as jnp
 from flax import struct
 
 from decsim import mixing
+from decsim import network as network_lib
+from decsim import topology as topology_lib
+from decsim.config import Component, check, option
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, model_messages
+from decsim.protocols import registry
 from decsim.protocols.base import (Learner, Protocol, init_params, node_average, sample_available,
                                    train_nodes)
 from decsim.rng import Stream, node_keys, round_key
@@ -83,6 +87,33 @@ from decsim.types import Params, PRNGKey, Stacked
 PEERS = ('random', 'neighbour', 'all_neighbours')
 MERGES = ('age', 'half', 'beta', 'replace')
 WAKES = ('uniform', 'exponential')
+
+
+@dataclasses.dataclass(frozen=True)
+class GossipConfig(Component):
+  """Gossip learning (Ormandi et al. 2013)."""
+
+  gossip_delta: int = option(10, "Gossip: mean ticks between a node's wake-ups (Delta).", low=1)
+  gossip_wake: str = option('uniform', 'Gossip wake-up jitter: uniform (0.8-1.2 Delta) or '
+                            'exponential (mean Delta).', choices=WAKES)
+  gossip_peers: str = option('random', 'Gossip push target: random (any node), neighbour (one '
+                             '--topology neighbour) or all_neighbours.',
+                             choices=PEERS)
+  gossip_merge: str = option('half', 'Gossip merge: age (age-weighted), half (0.5 self + 0.5 '
+                             'mean received), beta, replace (mean received).',
+                             choices=MERGES)
+  gossip_beta: float = option(0.5, 'Gossip --gossip_merge=beta: weight of the own model.',
+                              low=0, high=1)
+  gossip_buffer: int = option(1, 'Gossip: merge once this many models are held (1: on every '
+                              'arrival).', low=1)
+  gossip_partitions: int = option(1, 'Gossip model partitioning: send one of K partitions '
+                                  '(1: whole models).', low=1)
+  gossip_keep: float = option(1.0, 'Gossip sampling compression: send each weight with this '
+                              'probability (1: all).', low=0, high=1, low_open=True)
+  gossip_max_active: int = option(0, 'Gossip: model rows merged and trained per tick (0: all '
+                                  'N, masked).', low=0)
+  tick_seconds: float = option(1.0, 'Gossip: simulated seconds per tick (round).', low=0,
+                               low_open=True)
 
 
 @struct.dataclass
@@ -522,3 +553,35 @@ def gossip_round(settings: GossipSettings, learner: Learner, topology: Topology 
       active_nodes=n_act,
       node_steps=jnp.sum(steps))
   return state, metrics
+
+
+def check_config(c) -> None:
+  """Gossip's checks on the whole experiment config."""
+  topology_lib.check_graph(c)
+  check(c.gossip_peers == 'random' or c.topology != 'one_peer_exponential',
+        f'--gossip_peers={c.gossip_peers} needs a static --topology, not one_peer_exponential')
+
+
+def build(ctx: registry.BuildContext) -> Protocol:
+  c = ctx.config
+  shapes = jax.eval_shape(ctx.learner.init_params, jax.random.key(0))
+  params = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+  check(c.gossip_partitions <= params,
+        f'--gossip_partitions={c.gossip_partitions} exceeds the model\'s {params} parameters: '
+        'use at most one partition per parameter')
+  graph = None if c.gossip_peers == 'random' else topology_lib.from_config(c)
+  protocol = gossip(
+      ctx.learner, nodes=c.nodes, topology=graph, delta=c.gossip_delta, wake=c.gossip_wake,
+      peers=c.gossip_peers, merge=c.gossip_merge, beta=c.gossip_beta,
+      buffer_size=c.gossip_buffer, partitions=c.gossip_partitions, keep_prob=c.gossip_keep,
+      max_active=c.gossip_max_active, tick_seconds=c.tick_seconds,
+      variance_correction=ctx.variance_correction)
+  model = message_bytes(ctx.learner.model_bytes(), c.gossip_partitions, c.gossip_keep)
+  return protocol._replace(node_models=lambda state: state.nodes.params,
+                           message_bytes=network_lib.message_bytes(model, c.nodes),
+                           extra_metrics=extra_metrics)
+
+
+registry.register(registry.ProtocolSpec(
+    'gossip', build, 'Gossip learning (Ormandi et al. 2013), in ticks', check_config,
+    GossipConfig))

@@ -56,16 +56,32 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from decsim import mixing
+from decsim import aggregation, mixing
+from decsim.config import Component, check, option
 from decsim.data.sampler import NodeData
 from decsim.local import LocalResult
 from decsim.network import MODEL, PING, VIEW, Network, uniform_network
+from decsim.protocols import fedavg as fedavg_lib
+from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
 
 VIEWS = ('global', 'local')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModestConfig(Component):
+  """MoDeST (de Vos et al. 2023)."""
+
+  aggregators: int = option(1, 'MoDeST: aggregators per round (a).', low=1)
+  ping_timeout: float = option(2.0, 'MoDeST: simulated seconds a ping to a crashed candidate '
+                               'costs.', low=0)
+  inactivity_threshold: int = option(20, 'MoDeST: rounds without activity after which a node '
+                                     'leaves the samples.', low=1)
+  views: str = option('global', "MoDeST: one global view (fast) or every node's own view, an "
+                      '[N, N] matrix merged on every transfer.', choices=VIEWS)
 NEVER = jnp.iinfo(jnp.int32).min // 2  # a round before every other; max-merge identity
 
 
@@ -147,7 +163,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
            success_fraction: float = 1.0, ping_timeout: float = 2.0,
            inactivity_threshold: int = 20, views: str = 'global', network: Network | None = None,
            availability=None,
-           variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
+           variance_correction: mixing.VarianceCorrection | None = None,
+           aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None) -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
 
   ``views`` is ``'global'`` or ``'local'`` (per-node views, see the module
@@ -173,7 +190,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     return modest_round(settings, learner, network, availability, state, data,
-                        vc=variance_correction)  # a function (chex counts traces)
+                        vc=variance_correction,  # a function (chex counts traces)
+                        aggregate_fn=aggregate_fn or aggregate)
 
   return Protocol(functools.partial(modest_init, settings, learner, availability), round_,
                   modest_model)
@@ -507,3 +525,30 @@ def _merge_local_views(vw: Views, part_vw: Views, cand: jax.Array, timed_out: ja
   rows = jnp.concatenate([part, agg_rows])  # [s + a]
   return jax.tree.map(lambda f, p, g: f.at[rows].max(jnp.concatenate([p, g]), mode='drop'),
                       vw, part_vw, into_agg)
+
+
+MAX_LOCAL_VIEW_NODES = 10_000  # --views=local: three [N, N] int32 matrices
+
+
+def check_config(c) -> None:
+  """MoDeST's checks on the whole experiment config."""
+  fedavg_lib.check_sampled(c)
+  check(c.aggregators <= c.nodes, f'--aggregators={c.aggregators} must be in 1..--nodes={c.nodes}')
+  check(c.views != 'local' or c.nodes <= MAX_LOCAL_VIEW_NODES,
+        f'--views=local keeps an [N, N] view matrix ({12 * c.nodes ** 2 / 2 ** 30:.1f} GiB at '
+        f'--nodes={c.nodes}); use --views=global or at most {MAX_LOCAL_VIEW_NODES} nodes')
+
+
+def build(ctx: registry.BuildContext) -> Protocol:
+  c = ctx.config
+  aggregator = aggregation.make_aggregator(c.aggregator, c.trim_fraction)
+  return modest(ctx.learner, nodes=c.nodes, sample_size=c.sample_size,
+                aggregators=c.aggregators, success_fraction=c.success_fraction,
+                ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
+                views=c.views, network=ctx.network, availability=ctx.availability,
+                variance_correction=ctx.variance_correction,
+                aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0])
+
+
+registry.register(registry.ProtocolSpec(
+    'modest', build, 'MoDeST (de Vos et al., 2023)', check_config, ModestConfig))
