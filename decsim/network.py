@@ -102,8 +102,8 @@ def load_latency(path: str | pathlib.Path) -> np.ndarray:
                        f'rows of lengths {sorted({len(r) for r in rows})}; {fix}')
   matrix = np.asarray(rows, np.float64)
   if not np.all(np.isfinite(matrix)) or np.any(matrix < 0) or np.any(matrix > MAX_LATENCY_MS):
-    raise NetworkError(f'--latency_file={path} has entries outside 0..{MAX_LATENCY_MS:g}; '
-                       'latencies are one-way milliseconds, at most an hour')
+    raise NetworkError(f'--latency_file={path} has negative, non-finite or too large entries; '
+                       f'latencies are one-way milliseconds in 0..{MAX_LATENCY_MS:.0f}')
   return (matrix / 1000.0).astype(np.float32)
 
 

@@ -49,9 +49,9 @@ def main(argv) -> None:
     if error:
       fail(error)
     rundir.check_path(FLAGS.out)
-    cli.check_backend()
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+                                    FLAGS.process_id)  # before anything starts a JAX backend
+    cli.check_backend()
     # Multi-host: every process runs the same program; process 0 writes the run directory.
     out = FLAGS.out if FLAGS.num_processes == 1 or FLAGS.process_id == 0 else None
     summary = experiment.run(config, out_dir=out)

@@ -282,6 +282,8 @@ LAUNCHER_CASES = [
     ('launch.sapo', ['--nodes=1'], 'decsim', '--nodes'),
 ]
 BACKEND_CASES = [('cuda',), ('tpu',), ('rocm',)]
+BACKEND_PARAMS = [BACKEND_CASES[0][0], *(pytest.param(c[0], marks=pytest.mark.slow)
+                                         for c in BACKEND_CASES[1:])]
 SUBPROCESS_CASES = LAUNCHER_CASES + BACKEND_CASES
 
 
@@ -293,7 +295,7 @@ def test_every_launcher_fails_in_one_line(module, args, prog, named):
   assert named in _one_error_line(proc.stderr, prog)
 
 
-@pytest.mark.parametrize('platform', [c[0] for c in BACKEND_CASES])
+@pytest.mark.parametrize('platform', BACKEND_PARAMS)
 def test_missing_backend_is_one_line(platform, tmp_path):
   proc = _launch('launch.simulate', [*TINY, f'--out={tmp_path / "run"}'],
                  env={'JAX_PLATFORMS': platform})
@@ -371,8 +373,12 @@ def uninterrupted(tmp_path_factory):
   return (out / 'metrics.jsonl').read_bytes()
 
 
-@pytest.mark.parametrize('sig,delay', [(signal.SIGINT, 'compile'), (signal.SIGTERM, 'compile'),
-                                       (signal.SIGINT, 'rows'), (signal.SIGTERM, 'rows')])
+SLOW = pytest.mark.slow  # the same path as a case CI runs; kept for pytest -m slow
+
+
+@pytest.mark.parametrize('sig,delay', [
+    (signal.SIGINT, 'compile'), pytest.param(signal.SIGTERM, 'compile', marks=SLOW),
+    pytest.param(signal.SIGINT, 'rows', marks=SLOW), (signal.SIGTERM, 'rows')])
 def test_signal_then_resume_gives_identical_metrics(sig, delay, uninterrupted, tmp_path):
   out = tmp_path / 'run'
   args = [*INTERRUPT_ARGS, f'--out={out}']

@@ -27,7 +27,8 @@ BATCH = 8
 @functools.lru_cache(maxsize=None)
 def _setup(nodes: int):
   """Data and a logistic learner with learning rate 0: training leaves models as merged."""
-  c = ExperimentConfig(num_samples=400, nodes=nodes, model='logistic', partition='iid')
+  c = ExperimentConfig(protocol='gossip', init='independent', topology='complete',
+                       num_samples=400, nodes=nodes, model='logistic', partition='iid')
   dataset, data = experiment.load_data(c)
   learner, apply_fn = experiment.make_learner(c, dataset)
   tx = optax.sgd(0.0)
@@ -215,7 +216,7 @@ def test_gossip_round_compiles_once(tiny_config):
     (dict(gossip_peers='neighbour', topology='one_peer_exponential'), '--gossip_peers'),
 ])
 def test_bad_gossip_flags(tiny_config, change, flag):
-  config = dataclasses.replace(tiny_config, protocol='gossip', init='independent', **change)
   with pytest.raises(experiment.ConfigError, match=flag) as err:
-    experiment.validate(config)
+    experiment.validate(dataclasses.replace(tiny_config, protocol='gossip', init='independent',
+                                            **change))
   assert '\n' not in str(err.value)

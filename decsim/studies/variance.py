@@ -36,7 +36,7 @@ TARGETS = (0.5, 0.6, 0.7, 0.8)
 
 def base_config(quick: bool = False, dataset: str = 'mnist1d') -> ExperimentConfig:
   return ExperimentConfig(
-      dataset=dataset, num_samples=10_000, model='lenet', partition='dirichlet', alpha=0.5,
+      protocol='dpsgd', dataset=dataset, num_samples=10_000, model='lenet', partition='dirichlet', alpha=0.5,
       nodes=100, topology='kregular', degree=8, init='independent', optimizer='sgd', lr=0.05,
       momentum=0.9, batch_size=32, target_accuracy=0.6, eval_nodes=5, seed=0,
       rounds=40 if quick else 150, eval_every=5)

@@ -33,7 +33,8 @@ def rows(config, mesh):
   with tempfile.TemporaryDirectory() as out:
     summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(config.seed),
                            rounds=config.rounds, eval_every=config.eval_every,
-                           message_bytes=experiment.message_bytes(config, exp.learner), mesh=mesh,
+                           message_bytes=experiment.message_bytes(config, exp.protocol,
+                                                                  exp.learner), mesh=mesh,
                            out_dir=out,
                            log=lambda _: None)
     lines = (pathlib.Path(out) / 'metrics.jsonl').read_text().splitlines()
