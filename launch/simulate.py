@@ -3,7 +3,7 @@ r"""Runs one simulation: ``decsim --protocol=fedavg`` (or ``python -m launch.sim
 Examples:
   decsim --protocol=fedavg --nodes=100 --sample_size=10 --out=runs/fedavg
   decsim --protocol=dpsgd --topology=kregular --degree=4 --nodes=256 --out=runs/dpsgd
-  decsim --flagfile=launch/presets/modest.flags
+  decsim --flagfile=launch/presets/modest_churn.flags
   decsim plot runs/fedavg runs/dpsgd --target=0.8 --out=runs/compare
 
 Every flag is a field of ``decsim.experiment.ExperimentConfig``; a bad value
@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from decsim import config as config_lib
 from decsim import experiment, rundir, sharding
 from decsim.experiment import ExperimentConfig
+from decsim.protocols import registry
 from launch import cli
 from launch.cli import fail, flags_parser, print_table
 
@@ -32,6 +33,11 @@ flags.DEFINE_integer('process_id', 0, 'Multi-host: this process, 0..num_processe
                      module_name=_OUTPUT)
 
 FLAGS = flags.FLAGS
+
+__doc__ += '\nProtocols:\n' + ''.join(  # noqa: A001 - what --help prints
+    f'  {name:<14} {registry.get(name).summary}\n' for name in registry.names())
+__doc__ += '\nFlag groups (decsim --helpfull lists every flag by group):\n' + ''.join(
+    f'  {group.removeprefix("decsim: ")}\n' for group in GROUPS)
 
 
 def config_from_flags() -> ExperimentConfig:

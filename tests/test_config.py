@@ -62,3 +62,12 @@ def test_defaults_are_valid_and_replace_checks_again():
   config = ExperimentConfig()
   with pytest.raises(ConfigError, match='--p_online=2'):
     dataclasses.replace(config, p_online=2.0)
+
+
+def test_help_lists_the_registered_protocols_and_the_flag_groups():
+  from launch import simulate
+  from decsim.protocols import registry
+  for name in registry.names():
+    assert f'\n  {name} ' in simulate.__doc__
+  assert 'Local training' in simulate.__doc__ and 'Churn: which nodes are online when' in (
+      simulate.__doc__)
