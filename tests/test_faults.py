@@ -129,7 +129,7 @@ def _run_in_process(args: list[str], tmp_path: pathlib.Path, capsys) -> tuple[in
 
 
 def test_fault_table_and_bad_input_table_hold_80_cases():
-  from tests.test_cli import BAD_INPUTS
+  from test_cli import BAD_INPUTS  # tests/ is on sys.path (rootdir conftest)
   assert len(IN_PROCESS) + len(BAD_INPUTS) + len(SUBPROCESS_CASES) >= 80
   assert not {tuple(a) for a, _ in IN_PROCESS} & {tuple(a) for a, _ in BAD_INPUTS}
 
