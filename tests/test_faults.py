@@ -160,8 +160,9 @@ def _tiny_config(**change):
   return ExperimentConfig(**{**base, **change})
 
 
-@pytest.mark.parametrize('change', [dict(lr=1e16, model='mlp'), dict(lr=1e12, model='mlp'),
-                                    dict(protocol='dpsgd', lr=1e12, model='mlp', degree=2)])
+@pytest.mark.parametrize('change', [
+    pytest.param(dict(lr=1e16, model='mlp'), marks=pytest.mark.slow), dict(lr=1e12, model='mlp'),
+    pytest.param(dict(protocol='dpsgd', lr=1e12, model='mlp', degree=2), marks=pytest.mark.slow)])
 def test_immediate_divergence_keeps_the_earlier_run(change, tmp_path):
   from decsim import experiment
   from decsim.errors import SimulationDiverged
@@ -182,7 +183,7 @@ def test_divergence_in_an_empty_out_records_status_diverged(tmp_path):
   assert summary['status'] == 'diverged' and 'diverged' in summary['error']
 
 
-@pytest.mark.parametrize('fail_at', [1, 2])
+@pytest.mark.parametrize('fail_at', [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_other_exceptions_record_status_failed(fail_at, tmp_path):
   """An exception mid-run (here from the log callback) is 'failed', never 'completed'."""
   from decsim import experiment
