@@ -13,9 +13,9 @@ from decsim import mixing
 from decsim.config import Component, check, option
 from decsim.data.sources import DATASETS
 from decsim.models import MODELS
+from decsim.rng import MAX_SEED
 from decsim.topology import TOPOLOGIES
 
-MAX_SEED = 2 ** 31 - 1
 MAX_LOCAL_STEPS = 100_000  # per node per round: a scan of this length is compiled
 
 

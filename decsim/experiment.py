@@ -6,7 +6,6 @@ the same experiments as the command line without going through flags.
 """
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -23,6 +22,7 @@ from decsim import churn as churn_lib
 from decsim import interrupts, rundir, sharding, simulate
 from decsim import metrics as metrics_lib
 from decsim import mixing
+from decsim import report as report_lib
 from decsim import network as network_lib
 from decsim.config import check
 from decsim.configs import (MAX_LOCAL_STEPS, DataConfig, ModelConfig, RunConfig, TopologyConfig,
@@ -239,37 +239,17 @@ def root_keys(c: ExperimentConfig) -> jax.Array:
   return jax.vmap(jax.random.key)(c.seed + jnp.arange(c.replicas))
 
 
-RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
-
-
-def check_resume(out: pathlib.Path, c: ExperimentConfig) -> None:
-  """--resume must continue the same experiment (more rounds are allowed) from a directory
-  that still has its config.json; an empty or missing directory simply starts."""
-  path = out / 'config.json'
-  if not out.exists() or not any(out.iterdir()):
-    return
-  if not path.exists():
-    raise ConfigError(f'--resume: {path} is missing, so the run in {out} cannot be checked; '
-                      'start a new run with another --out')
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'--resume: {path} cannot be read ({e}); start a new run with another '
-                      '--out') from None
-  current = dataclasses.asdict(c)
-  changed = sorted(k for k in current.keys() | saved.keys()
-                   if k not in RESUMABLE_CHANGES and saved.get(k, '?') != current.get(k, '?'))
-  if changed:
-    raise ConfigError(f'--resume with settings that differ from {path}: '
-                      f'{", ".join(f"--{k}" for k in changed)}; resume with the same flags or '
-                      'use a new --out')
-
-
 def message_bytes(c: ExperimentConfig, protocol: Protocol, learner: Learner) -> tuple[int, ...]:
   """Bytes of one message of each kind: the protocol's own, or model, view and ping."""
   if protocol.message_bytes is not None:
     return protocol.message_bytes
   return network_lib.message_bytes(learner.model_bytes(), c.nodes)
+
+
+def make_report(c: ExperimentConfig, exp: Experiment) -> report_lib.Report:
+  """One row per evaluation, messages priced by ``message_bytes``, the target of ``c``."""
+  return report_lib.network_report(message_bytes(c, exp.protocol, exp.learner),
+                                   c.target_accuracy)
 
 
 def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=print, *,
@@ -293,12 +273,11 @@ def _run_in(run_dir: rundir.RunDirectory | None, c: ExperimentConfig, log,
             parts: dict[str, Any]) -> dict[str, Any]:
   try:
     if c.resume:
-      check_resume(run_dir.path, c)
+      rundir.check_resume(run_dir.path, dataclasses.asdict(c))
     exp = build(c, **parts)
     summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
-                           rounds=c.rounds, eval_every=c.eval_every,
-                           message_bytes=message_bytes(c, exp.protocol, exp.learner),
-                           target_accuracy=c.target_accuracy, run_dir=run_dir,
+                           rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
+                           run_dir=run_dir,
                            checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
                            mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
                            files={'config.json': dataclasses.asdict(c)})

@@ -11,6 +11,8 @@ import jax
 
 from decsim.types import PRNGKey
 
+MAX_SEED = 2 ** 31 - 1  # seeds are int32 (jax.random.key)
+
 
 class Stream(enum.IntEnum):
   """Independent random streams; each has its own sub-key of the root key."""

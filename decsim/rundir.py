@@ -26,7 +26,7 @@ import pathlib
 import shutil
 from typing import Any
 
-from decsim.errors import RunDirError
+from decsim.errors import ConfigError, RunDirError
 
 _NAME_MAX = 255
 
@@ -147,3 +147,29 @@ class RunDirectory:
     if self._lock_file is not None:
       self._lock_file.close()  # closing the descriptor drops the flock
       self._lock_file = None
+
+
+RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
+
+
+def check_resume(out: pathlib.Path, config: dict[str, Any]) -> None:
+  """--resume must continue the same run (more rounds are allowed: ``config`` is the new
+  run's config as a dict) from a directory that still has its config.json; an empty or
+  missing directory simply starts."""
+  path = out / 'config.json'
+  if not out.exists() or not any(out.iterdir()):
+    return
+  if not path.exists():
+    raise ConfigError(f'--resume: {path} is missing, so the run in {out} cannot be checked; '
+                      'start a new run with another --out')
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'--resume: {path} cannot be read ({e}); start a new run with another '
+                      '--out') from None
+  changed = sorted(k for k in config.keys() | saved.keys()
+                   if k not in RESUMABLE_CHANGES and saved.get(k, '?') != config.get(k, '?'))
+  if changed:
+    raise ConfigError(f'--resume with settings that differ from {path}: '
+                      f'{", ".join(f"--{k}" for k in changed)}; resume with the same flags or '
+                      'use a new --out')

@@ -3,12 +3,13 @@
 As in purejaxrl, the only Python loop is between chunks of ``eval_every``
 rounds, where the loop evaluates, logs and writes results. Every row of
 ``metrics.jsonl`` is flushed as soon as it exists, so an interrupted or
-diverged run keeps everything it had computed.
+diverged run keeps everything it had computed. The loop is the same for every
+protocol family (learning on the simulated network, SAPO's swarm RL): a
+``decsim.report.Report`` says what a family's rows and summary hold.
 """
 
 import dataclasses
 import json
-import math
 import pathlib
 import signal
 import sys
@@ -17,16 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from decsim import interrupts, rundir, sharding
 from decsim.checkpoint import CheckpointError, Checkpointer
-from decsim.errors import NoNodeOnline, RunInterrupted, SimulationDiverged
+from decsim.errors import RunInterrupted, SimulationDiverged
 from decsim.data.sampler import NodeData
-from decsim.network import KINDS, MODEL
 from decsim.protocols.base import Protocol
+from decsim.report import Report, chunk_rows
 from decsim.rundir import RunDirectory
 from decsim.state import SimState
 from decsim.types import PRNGKey
@@ -89,14 +89,14 @@ class _Progress:
 
 
 def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKey, rounds: int,
-        eval_every: int, message_bytes: tuple[int, ...], target_accuracy: float | None = None,
-        out_dir: str | pathlib.Path | None = None, checkpoint_every: int = 0,
-        resume: bool = False, log: Callable[[str], None] = print,
+        eval_every: int, report: Report, out_dir: str | pathlib.Path | None = None,
+        checkpoint_every: int = 0, resume: bool = False, log: Callable[[str], None] = print,
         mesh: Mesh | None = None, run_dir: RunDirectory | None = None,
         files: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
-  Writes ``metrics.jsonl`` (one row per evaluation), ``summary.json`` and the JSON
+  Writes ``metrics.jsonl`` (the rows of ``report``, e.g. ``decsim.report.network_report``:
+  one per evaluation), ``summary.json`` and the JSON
   ``files`` (e.g. ``config.json``) into ``out_dir`` (or the locked ``run_dir``)
   when given, and an orbax checkpoint every ``checkpoint_every`` rounds into
   ``OUT/checkpoints``; see ``decsim.rundir`` for how an earlier run in the
@@ -117,16 +117,16 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     run_dir = RunDirectory(out_dir, resume)
   try:
     with interrupts.deferred():
-      return _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes,
-                  target_accuracy, run_dir, checkpoint_every, resume, log, mesh, files or {})
+      return _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir,
+                  checkpoint_every, resume, log, mesh, files or {})
   finally:
     if own_dir:
       run_dir.discard()
       run_dir.release()
 
 
-def _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes, target_accuracy,
-         run_dir, checkpoint_every, resume, log, mesh, files) -> dict[str, Any]:
+def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, checkpoint_every,
+         resume, log, mesh, files) -> dict[str, Any]:
   replicated = key.ndim == 1  # a key per replica: R seeds vmapped as one simulation
   if replicated and mesh is not None:
     raise ValueError('replicas and a device mesh cannot be combined')
@@ -144,16 +144,16 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, message_bytes, targe
     progress.compile_seconds = time.perf_counter() - t0
     stop_if_requested('while compiling')
     for _ in range(int(np.max(state.round)) // eval_every, rounds // eval_every):
-      state = _one_chunk(chunk, evaluate, state, data, message_bytes, progress, writer)
-      log(_progress(progress.rows[-1], rounds, progress.run_seconds))
+      state, rows = _one_chunk(chunk, evaluate, state, data, report, progress, writer)
+      log(_progress_line(report.line(rows), rows[-1]['round'], rounds, progress.run_seconds))
       stop_if_requested(f'at round {progress.rows[-1]["round"]}')
   except BaseException as e:
     progress.status, progress.error = ending(e)
-    writer.finish(_summary(progress, target_accuracy, mesh))
+    writer.finish(_summary(progress, report, mesh))
     if writer.kept_earlier_run:
       e.kept_earlier_run = writer.kept_earlier_run  # launchers say it is unchanged
     raise
-  summary = _summary(progress, target_accuracy, mesh)
+  summary = _summary(progress, report, mesh)
   writer.finish(summary)
   return summary
 
@@ -166,38 +166,34 @@ def _initial_state(protocol, key, data, mesh, replicated):
   return sharding.sharded_init(protocol.init, key, data, mesh), data
 
 
-def _one_chunk(chunk, evaluate, state, data, message_bytes, progress: _Progress, writer):
-  """Runs one chunk, appends its row (and checkpoint); raises if the run must stop."""
+def _one_chunk(chunk, evaluate, state, data, report: Report, progress: _Progress, writer):
+  """Runs one chunk, appends its rows (and checkpoint); raises if the run must stop."""
   t = time.perf_counter()
   state, metrics = chunk(state, data)
   jax.block_until_ready(state)
   progress.run_seconds += time.perf_counter() - t
-  progress.node_steps += int(jnp.sum(metrics.node_steps))
-  raw = _row(state, metrics, evaluate(state), message_bytes)
-  row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in raw.items()}
-  progress.rows.append(row)
-  problem = _row_problem(row, progress.node_steps, state)
-  writer.append(row, finite=problem is None)
-  if problem is None:
-    writer.checkpoint(row['round'], state, progress)
-  else:
+  fields = jax.tree.map(np.asarray, report.fields(state, metrics, evaluate(state)))
+  progress.node_steps += int(np.sum(fields['node_steps']))
+  rows = chunk_rows(report, fields, replicated=np.ndim(fields['round']) > 0)
+  progress.rows += rows
+  problem = report.problem(rows, progress.node_steps, fields)
+  for row in rows:
+    writer.append(row, finite=problem is None)
+  if problem is not None:
     raise problem
-  return state
+  writer.checkpoint(rows[-1]['round'], state, progress)
+  return state, rows
 
 
-def _row_problem(row: dict[str, Any], node_steps: int, state: SimState) -> Exception | None:
-  """Why the run cannot go on after ``row``: divergence, a non-finite clock, no node online."""
-  if row['train_loss'] is None or row['loss'] is None:
-    return SimulationDiverged(f'training diverged by round {row["round"]}: the loss is not '
-                              'finite; lower --lr')
-  if row['sim_seconds'] is None:
-    return SimulationDiverged(f'simulated time is not finite by round {row["round"]}: a network '
-                              'or compute setting is out of range (bandwidth, speed, latency)')
-  if node_steps == 0 and not np.any(np.asarray(state.available)):
-    return NoNodeOnline(f'no node has been online in rounds 1..{row["round"]}: the churn '
-                        'settings (--p_online, --trace_file, --join_*, --crash_*) leave nobody '
-                        'to train')
-  return None
+def _progress_line(text: str, round_: int, rounds: int, run_seconds: float) -> str:
+  """``text`` (the family's part) between the round and the speed of the run."""
+  rate = round_ / max(run_seconds, 1e-9)
+  eta = (rounds - round_) / max(rate, 1e-9)
+  bar = ''
+  if sys.stdout.isatty():  # a bar for people watching; plain lines in logs and pipes
+    done = round(20 * round_ / rounds)
+    bar = f'[{"#" * done}{"." * (20 - done)}] '
+  return f'{bar}round {round_:>6}/{rounds}  {text}  {rate:7.1f} rounds/s  eta {eta:6.1f}s'
 
 
 def stop_if_requested(where: str) -> None:
@@ -218,13 +214,17 @@ def ending(e: BaseException) -> tuple[str, str]:
   return 'failed', line
 
 
-def _summary(progress: _Progress, target_accuracy, mesh) -> dict[str, Any]:
-  summary = summarize(progress.rows, target_accuracy, progress.compile_seconds,
-                      progress.run_seconds, progress.node_steps)
-  summary['status'] = progress.status
+def _summary(progress: _Progress, report: Report, mesh) -> dict[str, Any]:
+  """The family's summary of the rows, then how the run went and what it cost."""
+  run_seconds, rounds = progress.run_seconds, progress.rows[-1]['round'] if progress.rows else 0
+  summary = report.summarize(progress.rows)
+  summary.update(
+      wall_seconds=run_seconds, compile_seconds=progress.compile_seconds,
+      rounds_per_second=rounds / run_seconds if run_seconds > 0 else None,
+      node_steps_per_second=progress.node_steps / run_seconds if run_seconds > 0 else None,
+      status=progress.status, devices=1 if mesh is None else mesh.size)
   if progress.error:
     summary['error'] = progress.error
-  summary['devices'] = 1 if mesh is None else mesh.size
   summary['peak_memory_bytes'], summary['peak_memory_source'] = peak_memory()
   return summary
 
@@ -320,100 +320,3 @@ def read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
       break  # a row cut by a kill: everything after it is lost anyway
   return rows
-
-
-# Messages per kind summed over nodes ([..., N, K] -> [..., K]) on the device: the
-# per-node counts may be split over devices and hosts, the sums are replicated.
-_sent_by_kind = jax.jit(lambda sent: jnp.sum(sent, axis=-2))
-
-
-def _row(state: SimState, metrics, evals: dict[str, jax.Array],
-         message_bytes: tuple[int, ...]) -> dict[str, Any]:
-  """One metrics.jsonl row; simulated quantities only, so rows are deterministic.
-
-  With replicas (a leading replica axis) every value is the mean over replicas,
-  with ``<key>_std`` and the per-replica values ``<key>_replicas`` beside it.
-  """
-  fields = jax.tree.map(np.asarray, {
-      'round': state.round, 'sim_seconds': state.clock, 'sent': _sent_by_kind(state.sent),
-      'train_loss': jnp.mean(metrics.train_loss, axis=-1), **evals})
-  if fields['round'].ndim == 0:
-    return _replica_row(fields, message_bytes)
-  replicas = [_replica_row({k: v[i] for k, v in fields.items()}, message_bytes)
-              for i in range(fields['round'].shape[0])]
-  row = {'round': replicas[0]['round'], 'replicas': len(replicas)}
-  for key in replicas[0]:
-    if key == 'round':
-      continue
-    values = [r[key] for r in replicas]
-    finite = None not in values
-    row[key] = float(np.mean(values)) if finite else None
-    row[f'{key}_std'] = float(np.std(values)) if finite else None
-    row[f'{key}_replicas'] = values
-  return row
-
-
-def _replica_row(fields: dict[str, np.ndarray], message_bytes: tuple[int, ...]) -> dict[str, Any]:
-  counts = fields['sent']  # [K]
-  by_kind = {f'bytes_{kind}': int(c) * b for kind, c, b in zip(KINDS, counts, message_bytes)}
-  row = {
-      'round': int(fields['round']),
-      'train_loss': float(fields['train_loss']),
-      'sim_seconds': float(fields['sim_seconds']),
-      'models_sent': int(counts[MODEL]),
-      'bytes_total': sum(by_kind.values()),
-      **by_kind,
-  }
-  row.update({k: float(v) for k, v in fields.items() if k not in ('round', 'sim_seconds', 'sent',
-                                                                  'train_loss')})
-  return row
-
-
-def _progress(row: dict[str, Any], rounds: int, run_seconds: float) -> str:
-  rate = row['round'] / max(run_seconds, 1e-9)
-  eta = (rounds - row['round']) / max(rate, 1e-9)
-  loss = 'nan' if row['loss'] is None else f'{row["loss"]:.4f}'
-  bar = ''
-  if sys.stdout.isatty():  # a bar for people watching; plain lines in logs and pipes
-    done = round(20 * row['round'] / rounds)
-    bar = f'[{"#" * done}{"." * (20 - done)}] '
-  return (f'{bar}round {row["round"]:>6}/{rounds}  acc {row["accuracy"]:.4f}  loss {loss}  '
-          f'sim {row["sim_seconds"]:9.1f}s  bytes {row["bytes_total"]:.3e}  '
-          f'{rate:7.1f} rounds/s  eta {eta:6.1f}s')
-
-
-def summarize(rows: list[dict[str, Any]], target_accuracy: float | None, compile_seconds: float,
-              run_seconds: float, node_steps: int) -> dict[str, Any]:
-  """Final and best accuracy, and the first evaluation at or above the target.
-
-  For decentralized protocols the target is also checked against the mean
-  accuracy of the individual evaluated nodes (``*_to_target_nodes``): the model
-  any one node actually holds, not the node average nobody holds.
-  """
-  def first_hit(key):
-    return next((r for r in rows if target_accuracy is not None and r.get(key) is not None
-                 and r[key] >= target_accuracy), None)
-
-  hit = first_hit('accuracy')
-  summary = {
-      'final_accuracy': rows[-1]['accuracy'] if rows else None,
-      'best_accuracy': max((r['accuracy'] for r in rows), default=None),
-      'rounds': rows[-1]['round'] if rows else 0,
-      'target_accuracy': target_accuracy,
-      'rounds_to_target': hit['round'] if hit else None,
-      'seconds_to_target': hit['sim_seconds'] if hit else None,
-      'bytes_to_target': hit['bytes_total'] if hit else None,
-      'sim_seconds': rows[-1]['sim_seconds'] if rows else 0.0,
-      'bytes_total': rows[-1]['bytes_total'] if rows else 0,
-      'bytes_breakdown': {k: rows[-1][f'bytes_{k}'] if rows else 0 for k in KINDS},
-      'wall_seconds': run_seconds,
-      'compile_seconds': compile_seconds,
-      'node_steps_per_second': node_steps / run_seconds if run_seconds > 0 else None,
-  }
-  if rows and 'node_accuracy_mean' in rows[-1]:
-    node_hit = first_hit('node_accuracy_mean')
-    summary.update(final_node_accuracy=rows[-1]['node_accuracy_mean'],
-                   rounds_to_target_nodes=node_hit['round'] if node_hit else None,
-                   seconds_to_target_nodes=node_hit['sim_seconds'] if node_hit else None,
-                   bytes_to_target_nodes=node_hit['bytes_total'] if node_hit else None)
-  return summary

@@ -5,18 +5,19 @@ Examples:
   python -m launch.sapo --nodes=8 --local_groups=8 --external_groups=0 --out=runs/sapo80
   python -m launch.sapo --study --nodes=256 --seeds=3 --out=runs/sapo_study_n256
 
-Every run flag is a field of ``decsim.rl.experiment.SapoRunConfig``. ``--study``
+Every run flag is a field of ``decsim.rl.experiment.SapoRunConfig`` (generated from
+it: ``--helpfull`` lists them). ``--checkpoint_every=K`` saves a checkpoint every
+K rounds and ``--resume`` continues the run in ``--out`` from the newest one. ``--study``
 runs the four I/J configurations 8/0, 6/2, 4/4, 2/6 over ``--seeds`` seeds with
 the other flags (as ``launch/reproduce.py --study=sapo`` does at N=8). A bad
 value exits with status 2 and one line naming the flag and the fix.
 """
 
-import dataclasses
-import functools
 import sys
 
 from absl import flags, logging
 
+from decsim import config as config_lib
 from decsim import rundir
 from decsim.errors import ConfigError
 from decsim.rl import experiment
@@ -26,54 +27,20 @@ from launch.cli import fail, flags_parser, print_table
 
 PROG = 'decsim'
 
-_D = SapoRunConfig()
 # Own FlagValues, so that this launcher can be imported beside launch/simulate.py.
 FLAGS = flags.FlagValues()
-define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
-define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
-define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
-define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
-
-define_integer('nodes', _D.nodes, 'Number of nodes N (policies).')
-define_integer('local_groups', _D.local_groups, 'I: own questions per node per round.')
-define_integer('external_groups', _D.external_groups, 'J: groups drawn from other nodes.')
-define_integer('generations', _D.generations, 'G: completions per question.')
-define_integer('rounds', _D.rounds, 'Rounds (a multiple of --log_every).')
-define_string('filter', _D.filter, 'How external groups are drawn: nonzero_advantage, '
-                    'uniform, top_k or first_k.')
-define_string('task_mix', _D.task_mix, 'Task kinds and weights, e.g. add,chain or '
-                    'add:2,bits:1; kinds: add, chain, bits, rev, mod.')
-define_integer('seed', _D.seed, 'Seed of base models, questions, rollouts and draws.')
-define_integer('completion_len', _D.completion_len, 'T: tokens per completion (answer + EOS).')
-define_float('temperature', _D.temperature, 'Sampling temperature (0: greedy).')
-define_float('lr', _D.lr, 'Adam learning rate of GRPO.')
-define_integer('iterations', _D.iterations, 'GRPO steps per round on the same batch.')
-define_float('kl_coef', _D.kl_coef, 'Reference-KL coefficient (0: none, as in SAPO).')
-define_float('churn', _D.churn, 'Probability a node is offline in a round (no share, no train).')
-define_integer('staleness', _D.staleness, 'd: external groups come from round r - d.')
-define_integer('dim', _D.dim, 'Policy width (4 heads).')
-define_integer('layers', _D.layers, 'Policy transformer layers.')
-define_integer('warmup_min', _D.warmup_min, 'Base models: fewest supervised warm-up steps.')
-define_integer('warmup_max', _D.warmup_max, 'Base models: most supervised warm-up steps.')
-define_integer('warmup_kinds', _D.warmup_kinds, 'Base models: task kinds each node is '
-                     'shown in warm-up (0: all).')
-define_string('task_source', _D.task_source, 'procedural (kinds generated in JAX) or '
-              'reasoning_gym (a pool pre-generated offline by the reasoning-gym package, scored by '
-              "its own score_answer; needs pip install -e '.[rl]'; --task_mix then names "
-              'basic_arithmetic, chain_sum, count_bits, gcd, base_conversion).')
-define_integer('pool_size', _D.pool_size, 'reasoning_gym: items generated per task.')
-define_string('base_init', _D.base_init, 'Base models: shared (one init and demonstration '
-                    'stream; node n stops at its own warm-up step, so equal steps give identical '
-                    'nodes) or independent (own init and demonstrations per node).')
-define_integer('log_every', _D.log_every, 'Rounds per jit-compiled chunk between log lines.')
-define_integer('node_chunk', _D.node_chunk, 'Nodes per vectorised chunk (0: one vmap).')
-define_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.')
-define_integer('seeds', 3, '--study: seeds per configuration.')
-define_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).')
+config_lib.define_flags(SapoRunConfig, FLAGS, prefix='sapo')
+_STUDY = 'sapo: study and output'
+flags.DEFINE_bool('study', False, 'Run the 8/0, 6/2, 4/4, 2/6 study with these flags instead.',
+                  flag_values=FLAGS, module_name=_STUDY)
+flags.DEFINE_integer('seeds', 3, '--study: seeds per configuration.', flag_values=FLAGS,
+                     module_name=_STUDY)
+flags.DEFINE_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).',
+                    flag_values=FLAGS, module_name=_STUDY)
 
 
 def config_from_flags() -> SapoRunConfig:
-  return SapoRunConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SapoRunConfig)})
+  return config_lib.from_flags(SapoRunConfig, FLAGS)
 
 
 def main(argv) -> None:
@@ -98,9 +65,13 @@ def _run(config: SapoRunConfig) -> None:
 
 
 parse_flags = flags_parser(FLAGS, 'python -m launch.sapo')
+HELP = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 
 def run_main(argv: list[str]) -> None:
+  if any(arg in HELP for arg in argv[1:]):  # own FlagValues: absl's help flags are not on them
+    print(__doc__.strip() + '\n\nFlags (grouped):\n' + FLAGS.get_help())
+    return
   main(parse_flags(argv))
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from decsim.network import MODEL
 from decsim import experiment, metrics, simulate
+from decsim.report import network_report
 from decsim.experiment import ExperimentConfig
 from decsim.local import make_local_update
 from decsim.protocols.base import Protocol
@@ -206,7 +207,7 @@ def test_gossip_round_compiles_once(tiny_config):
   wrapped = Protocol(exp.protocol.init, chex.assert_max_traces(exp.protocol.round, n=1),
                      exp.protocol.model)
   summary = simulate.run(wrapped, exp.data, exp.evaluate, key=jax.random.key(0), rounds=6,
-                         eval_every=2, message_bytes=(1, 1, 1), log=lambda _: None)
+                         eval_every=2, report=network_report((1, 1, 1)), log=lambda _: None)
   assert summary['rounds'] == 6 and summary['sim_seconds'] == pytest.approx(6.0)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from decsim import experiment, network, simulate
+from decsim.report import network_report
 from decsim.protocols.base import Protocol, sample_available
 
 
@@ -19,8 +20,8 @@ def _run(config, tmp_path=None, protocol_wrap=None):
   protocol = protocol_wrap(exp.protocol) if protocol_wrap else exp.protocol
   summary = simulate.run(protocol, exp.data, exp.evaluate, key=jax.random.key(config.seed),
                          rounds=config.rounds, eval_every=config.eval_every,
-                         message_bytes=network.message_bytes(exp.learner.model_bytes(),
-                                                             config.nodes),
+                         report=network_report(network.message_bytes(
+                             exp.learner.model_bytes(), config.nodes)),
                          out_dir=tmp_path,
                          log=lambda _: None)
   return exp, summary

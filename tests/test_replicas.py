@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from decsim import experiment, network, simulate
+from decsim.report import network_report
 
 
 def test_replica_rows_match_single_runs(tiny_config, tmp_path):
@@ -19,7 +20,8 @@ def test_replica_rows_match_single_runs(tiny_config, tmp_path):
   for i in range(2):
     single = tmp_path / f'single{i}'
     simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(5 + i), rounds=6,
-                 eval_every=3, message_bytes=network.message_bytes(exp.learner.model_bytes(), 10),
+                 eval_every=3,
+                 report=network_report(network.message_bytes(exp.learner.model_bytes(), 10)),
                  out_dir=single, log=lambda _: None)
     singles = [json.loads(l) for l in (single / 'metrics.jsonl').read_text().splitlines()]
     for row, one in zip(rows, singles):

@@ -1,7 +1,10 @@
-"""SAPO: the external draws, J = 0 as independent GRPO, churn, bytes, base-model cache, CLI."""
+"""SAPO: the external draws, J = 0 as independent GRPO, churn, bytes, base-model cache, CLI,
+and runs through decsim's one run loop (checkpoints, --resume, kill -9)."""
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ import pytest
 
 from decsim import rng
 from decsim.rl import base as base_lib
+from decsim.rl import experiment
 from decsim.rl import grpo as grpo_lib
 from decsim.rl import policy as policy_lib
 from decsim.rl import sapo as sapo_lib
@@ -226,7 +230,8 @@ def _launch(args, tmp_path):
     (['--rounds=7', '--log_every=5'], '--log_every'),
     (['--generations=1'], '--generations'),
     (['--base_init=same'], '--base_init'),
-], ids=['filter', 'external', 'task_mix', 'log_every', 'generations', 'base_init'])
+    (['--rounds=8', '--log_every=2', '--checkpoint_every=3'], '--checkpoint_every'),
+], ids=['filter', 'external', 'task_mix', 'log_every', 'generations', 'base_init', 'checkpoint'])
 def test_bad_flags_exit_2_with_one_line(args, named, tmp_path):
   proc = _launch(args, tmp_path)
   assert proc.returncode == 2
@@ -259,3 +264,58 @@ def test_quick_sapo_study_writes_all_four_labels(tmp_path, monkeypatch):
     assert r['cumulative_reward'] == pytest.approx(runs[label]['cumulative_reward'])
     assert r['cumulative_reward'] > 0
   assert (tmp_path / 'study' / 'reward.png').stat().st_size > 0
+
+
+TINY = ['--nodes=3', '--local_groups=2', '--external_groups=2', '--generations=2', '--dim=8',
+        '--layers=1', '--warmup_min=1', '--warmup_max=2', '--task_mix=bits']
+
+
+def test_resume_continues_a_sapo_run_bitwise(tmp_path, monkeypatch):
+  """The run loop checkpoints SAPO's whole state (the staleness history included): a run
+  stopped at round 20 and resumed to 40 writes the rows of an uninterrupted 40-round run."""
+  monkeypatch.setenv('DECSIM_CACHE', str(tmp_path / 'cache'))
+  c = experiment.SapoRunConfig(nodes=3, local_groups=2, external_groups=2, generations=2,
+                               dim=8, layers=1, warmup_min=1, warmup_max=2, task_mix='bits',
+                               staleness=1, rounds=40, log_every=10, checkpoint_every=20)
+  experiment.run(c, out_dir=tmp_path / 'full', log=lambda _: None)
+  experiment.run(dataclasses.replace(c, rounds=20), out_dir=tmp_path / 'cut', log=lambda _: None)
+  logs = []
+  summary = experiment.run(dataclasses.replace(c, resume=True), out_dir=tmp_path / 'cut',
+                           log=logs.append)
+  assert 'resumed from the checkpoint at round 20' in logs
+  full = (tmp_path / 'full' / 'metrics.jsonl').read_text()
+  assert (tmp_path / 'cut' / 'metrics.jsonl').read_text() == full and full.count('\n') == 40
+  rows = [json.loads(l) for l in full.splitlines()]
+  assert summary['rounds'] == 40 and summary['status'] == 'completed'
+  assert summary['cumulative_reward'] == pytest.approx(sum(r['reward'] for r in rows))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_sapo_run(tmp_path):
+  args = [*TINY, '--rounds=600', '--log_every=10', '--checkpoint_every=20']
+  full, killed = tmp_path / 'full', tmp_path / 'killed'
+  assert _launch([*args, f'--out={full}'], tmp_path).returncode == 0
+  env = dict(os.environ, JAX_PLATFORMS='cpu', DECSIM_CACHE=str(tmp_path / 'cache'))
+  proc = subprocess.Popen([sys.executable, '-u', '-m', 'launch.sapo', *args, f'--out={killed}'],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                          cwd=os.path.join(os.path.dirname(__file__), '..'))
+  for line in proc.stdout:  # progress lines: kill once two checkpoints are written
+    if line.startswith('round') and int(line.split()[1].split('/')[0]) >= 50:
+      break
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  kept = (killed / 'metrics.jsonl').read_text().count('\n')
+  assert 50 <= kept < 600, kept  # killed mid-run
+  resumed = _launch([*args, f'--out={killed}', '--resume'], tmp_path)
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'resumed from the checkpoint at round' in resumed.stdout
+  assert (killed / 'metrics.jsonl').read_text() == (full / 'metrics.jsonl').read_text()
+
+
+def test_help_lists_the_generated_flags_by_group(capsys):
+  from launch import sapo
+  sapo.run_main(['sapo', '--helpfull'])
+  out = capsys.readouterr().out
+  assert 'sapo: SAPO run' in out and 'sapo: study and output' in out
+  for name in ('--checkpoint_every', '--resume', '--local_groups', '--study'):
+    assert name in out

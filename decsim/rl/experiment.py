@@ -1,13 +1,15 @@
 """One SAPO run from one flat configuration: base models, rounds, output files.
 
-``SapoRunConfig`` mirrors the flags of ``launch/sapo.py`` one to one (as
-``decsim.experiment.ExperimentConfig`` does for ``launch/simulate.py``), so a
-run's ``config.json`` is its complete description. Rounds run in jit-compiled
-``lax.scan`` chunks of ``log_every``; ``metrics.jsonl`` gets one row per round.
+``SapoRunConfig`` is a ``decsim.config.Component``: each field is declared once,
+the flags of ``launch/sapo.py`` are generated from it, and a run's
+``config.json`` is its complete description. A run goes through the same loop
+as every ``decsim`` run (``decsim.simulate.run``: jit-compiled ``lax.scan``
+chunks of ``log_every`` rounds, staged output, checkpoints, ``--resume``,
+interrupts); ``sapo_report`` makes its rows, one per round, and its summary.
 """
 
 import dataclasses
-import math
+import functools
 import time
 from typing import Any
 
@@ -15,51 +17,16 @@ import jax
 import numpy as np
 
 from decsim import interrupts, rundir, simulate
+from decsim import report as report_lib
+from decsim.config import Component, check, option
 from decsim.errors import ConfigError, SimulationDiverged
+from decsim.protocols.base import Protocol
+from decsim.rng import MAX_SEED
 from decsim.rl import base as base_lib
 from decsim.rl import grpo as grpo_lib
 from decsim.rl import policy as policy_lib
 from decsim.rl import sapo as sapo_lib
 from decsim.rl import tasks
-
-
-@dataclasses.dataclass(frozen=True)
-class SapoRunConfig:
-  """One run; the defaults are the study's setting (BUILD_NOTES.md, SAPO).
-
-  As in the paper's controlled runs every node starts from the same base model
-  (``base_init='shared'``, one warm-up length), on task kinds whose multi-digit
-  answers rarely earn partial credit (``rev,add``), so that most own groups are
-  all-fail at the start and the base pass rate sits just below where a lone
-  node's GRPO takes off. ``--base_init=independent --task_mix=add,chain,bits,rev,mod
-  --warmup_min=60 --warmup_max=180`` is the earlier setting.
-  """
-
-  nodes: int = 8
-  local_groups: int = 4
-  external_groups: int = 4
-  generations: int = 8
-  rounds: int = 200
-  filter: str = 'nonzero_advantage'
-  task_mix: str = 'rev,add'
-  seed: int = 0
-  completion_len: int = 6
-  temperature: float = 1.0
-  lr: float = 1e-3
-  iterations: int = 1
-  kl_coef: float = 0.0
-  churn: float = 0.0
-  staleness: int = 0
-  dim: int = 48
-  layers: int = 2
-  warmup_min: int = 50
-  warmup_max: int = 50
-  warmup_kinds: int = 0
-  base_init: str = 'shared'
-  task_source: str = 'procedural'
-  pool_size: int = 2000
-  log_every: int = 50
-  node_chunk: int = 0
 
 
 TASK_SOURCES = ('procedural', 'reasoning_gym')
@@ -77,50 +44,96 @@ def _source_shape(name: str) -> tuple[tuple[str, ...], int]:
   return reasoning_gym.NAMES, reasoning_gym.ANSWER_LEN
 
 
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
+@dataclasses.dataclass(frozen=True)
+class SapoRunConfig(Component):
+  """SAPO run: swarm, GRPO, tasks, base models, rounds and checkpoints.
+
+  The defaults are the study's setting (BUILD_NOTES.md, SAPO). As in the paper's
+  controlled runs every node starts from the same base model
+  (``base_init='shared'``, one warm-up length), on task kinds whose multi-digit
+  answers rarely earn partial credit (``rev,add``), so that most own groups are
+  all-fail at the start and the base pass rate sits just below where a lone
+  node's GRPO takes off. ``--base_init=independent --task_mix=add,chain,bits,rev,mod
+  --warmup_min=60 --warmup_max=180`` is the earlier setting.
+  """
+
+  nodes: int = option(8, 'Number of nodes N (policies); SAPO needs 2 to share.', low=2,
+                      high=1_000_000)
+  local_groups: int = option(4, 'I: own questions per node per round.', low=1)
+  external_groups: int = option(4, 'J: groups drawn from other nodes.', low=0)
+  generations: int = option(8, 'G: completions per question (>= 2 for a group-standardised '
+                            'advantage).', low=2)
+  rounds: int = option(200, 'Rounds (a multiple of --log_every).', low=1, high=2 ** 31 - 1)
+  filter: str = option('nonzero_advantage', 'How external groups are drawn.',
+                       choices=sapo_lib.FILTERS)
+  task_mix: str = option('rev,add', 'Task kinds and weights, e.g. add,chain or add:2,bits:1; '
+                         'procedural kinds: add, chain, bits, rev, mod.')
+  seed: int = option(0, 'Seed of base models, questions, rollouts and draws.', low=0,
+                     high=MAX_SEED)
+  completion_len: int = option(6, 'T: tokens per completion (answer + EOS), at most 16.',
+                               low=2, high=16)
+  temperature: float = option(1.0, 'Sampling temperature (0: greedy).', low=0)
+  lr: float = option(1e-3, 'Adam learning rate of GRPO.', low=0, low_open=True)
+  iterations: int = option(1, 'GRPO steps per round on the same batch.', low=1)
+  kl_coef: float = option(0.0, 'Reference-KL coefficient (0: none, as in SAPO).', low=0)
+  churn: float = option(0.0, 'Probability a node is offline in a round (no share, no train).',
+                        low=0, high=1, high_open=True)
+  staleness: int = option(0, 'd: external groups come from round r - d.', low=0)
+  dim: int = option(48, 'Policy width (4 heads; a multiple of 4).', low=8)
+  layers: int = option(2, 'Policy transformer layers.', low=1)
+  warmup_min: int = option(50, 'Base models: fewest supervised warm-up steps.', low=0)
+  warmup_max: int = option(50, 'Base models: most supervised warm-up steps.', low=0)
+  warmup_kinds: int = option(0, 'Base models: task kinds each node is shown in warm-up '
+                             '(0: all).', low=0)
+  base_init: str = option('shared', 'Base models: shared (one init and demonstration stream; '
+                          'node n stops at its own warm-up step, so equal steps give identical '
+                          'nodes) or independent (own init and demonstrations per node).',
+                          choices=base_lib.BASE_INITS)
+  task_source: str = option('procedural', 'procedural (kinds generated in JAX) or reasoning_gym '
+                            '(a pool pre-generated offline by the reasoning-gym package, scored '
+                            "by its own score_answer; needs pip install -e '.[rl]'; --task_mix "
+                            'then names basic_arithmetic, chain_sum, count_bits, gcd, '
+                            'base_conversion).', choices=TASK_SOURCES)
+  pool_size: int = option(2000, 'reasoning_gym: items generated per task.', low=1)
+  log_every: int = option(50, 'Rounds per jit-compiled chunk between log lines.', low=1)
+  node_chunk: int = option(0, 'Nodes per vectorised chunk (0: one vmap).', low=0)
+  checkpoint_every: int = option(0, 'Save an orbax checkpoint every this many rounds into '
+                                 'OUT/checkpoints (0: off; a multiple of --log_every).', low=0)
+  resume: bool = option(False, 'Continue the run in --out from its newest readable checkpoint.')
+
+  def check(self):
+    check(self.external_groups <= (self.nodes - 1) * self.local_groups,
+          f'--external_groups={self.external_groups} exceeds the '
+          f'{(self.nodes - 1) * self.local_groups} groups other nodes share '
+          '(nodes-1)*local_groups: lower it or raise --nodes')
+    check(self.rounds % self.log_every == 0, f'--rounds={self.rounds} is not a multiple of '
+          f'--log_every={self.log_every}: change one of them')
+    check(self.checkpoint_every % self.log_every == 0,
+          f'--checkpoint_every={self.checkpoint_every} must be 0 (off) or a multiple of '
+          f'--log_every={self.log_every}')
+    check(self.dim % 4 == 0, f'--dim={self.dim}: a multiple of 4 heads')
+    check(self.warmup_min <= self.warmup_max, f'--warmup_min={self.warmup_min} / '
+          f'--warmup_max={self.warmup_max}: need min <= max')
+    names, answer_len = _source_shape(self.task_source)
+    check(answer_len + 1 <= self.completion_len,
+          f'--completion_len={self.completion_len}: use {answer_len + 1}..16 (answer + EOS)')
+    check(self.warmup_kinds <= len(names),
+          f'--warmup_kinds={self.warmup_kinds}: use 0 (all kinds) to {len(names)}')
+    task_mix(self)
+
+
+def task_mix(c: SapoRunConfig) -> tuple[float, ...]:
+  """The weights of ``--task_mix`` over the task source's kinds."""
+  try:
+    return tasks.parse_task_mix(c.task_mix, _source_shape(c.task_source)[0])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate(c: SapoRunConfig) -> tuple[float, ...]:
-  """Raises ConfigError (one line naming the flag and the fix); returns the task mix."""
-  _check(c.nodes >= 2, f'--nodes={c.nodes}: SAPO needs at least 2 nodes to share with')
-  _check(c.local_groups >= 1, f'--local_groups={c.local_groups}: each node needs >= 1 own group')
-  _check(c.external_groups >= 0, f'--external_groups={c.external_groups} must be >= 0')
-  _check(c.external_groups <= (c.nodes - 1) * c.local_groups,
-         f'--external_groups={c.external_groups} exceeds the {(c.nodes - 1) * c.local_groups} groups '
-         'other nodes share (nodes-1)*local_groups: lower it or raise --nodes')
-  _check(c.generations >= 2, f'--generations={c.generations}: a group needs >= 2 completions '
-         'for a group-standardised advantage')
-  _check(c.rounds >= 1, f'--rounds={c.rounds} must be >= 1')
-  _check(c.log_every >= 1 and c.rounds % c.log_every == 0,
-         f'--rounds={c.rounds} is not a multiple of --log_every={c.log_every}: change one of them')
-  _check(c.filter in sapo_lib.FILTERS,
-         f'--filter={c.filter!r} is unknown: choose one of {", ".join(sapo_lib.FILTERS)}')
-  _check(c.task_source in TASK_SOURCES,
-         f'--task_source={c.task_source!r} is unknown: choose one of {", ".join(TASK_SOURCES)}')
-  names, answer_len = _source_shape(c.task_source)
-  _check(c.pool_size >= 1, f'--pool_size={c.pool_size}: items per ReasoningGYM task, >= 1')
-  _check(answer_len + 1 <= c.completion_len <= 16,
-         f'--completion_len={c.completion_len}: use {answer_len + 1}..16 (answer + EOS)')
-  _check(c.temperature >= 0, f'--temperature={c.temperature} must be >= 0')
-  _check(c.lr > 0, f'--lr={c.lr} must be > 0')
-  _check(c.iterations >= 1, f'--iterations={c.iterations} must be >= 1')
-  _check(c.kl_coef >= 0, f'--kl_coef={c.kl_coef} must be >= 0')
-  _check(0 <= c.churn < 1, f'--churn={c.churn}: an offline probability in [0, 1)')
-  _check(c.staleness >= 0, f'--staleness={c.staleness} must be >= 0 rounds')
-  _check(c.dim >= 8 and c.dim % 4 == 0, f'--dim={c.dim}: a multiple of 4 heads, >= 8')
-  _check(c.layers >= 1, f'--layers={c.layers} must be >= 1')
-  _check(0 <= c.warmup_min <= c.warmup_max,
-         f'--warmup_min={c.warmup_min} / --warmup_max={c.warmup_max}: need 0 <= min <= max')
-  _check(0 <= c.warmup_kinds <= len(names),
-         f'--warmup_kinds={c.warmup_kinds}: use 0 (all kinds) to {len(names)}')
-  _check(c.base_init in base_lib.BASE_INITS,
-         f'--base_init={c.base_init!r} is unknown: choose one of {", ".join(base_lib.BASE_INITS)}')
-  try:
-    return tasks.parse_task_mix(c.task_mix, names)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  """Checks ``c`` again (it may have been made with ``object.__setattr__``); returns the mix."""
+  SapoRunConfig.__post_init__(c)
+  return task_mix(c)
 
 
 def build(c: SapoRunConfig):
@@ -145,100 +158,92 @@ def build(c: SapoRunConfig):
 
 
 def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, Any]:
-  """Runs SAPO; writes ``metrics.jsonl`` (a row per round), ``summary.json``, ``config.json``.
+  """Runs SAPO through ``decsim.simulate.run``; returns the summary.
 
-  ``out_dir`` is locked and staged like a ``decsim`` run (``decsim.rundir``): an
-  earlier run there is replaced only once this one has a finite chunk of rows.
+  Writes ``config.json``, ``metrics.jsonl`` (a row per round) and ``summary.json``
+  into ``out_dir``, locked and staged like a ``decsim`` run (``decsim.rundir``):
+  an earlier run there is replaced only once this one has a finite chunk of rows.
+  ``--checkpoint_every`` and ``--resume`` work as they do there.
   """
+  validate(c)
+  if out_dir is None and (c.resume or c.checkpoint_every):
+    raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
+  with interrupts.deferred():
+    run_dir = rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None
+    try:
+      if c.resume:
+        rundir.check_resume(run_dir.path, dataclasses.asdict(c))
+      return _run_in(run_dir, c, log, cache_dir)
+    finally:
+      if run_dir is not None:
+        run_dir.discard()
+        run_dir.release()
+
+
+def _run_in(run_dir, c: SapoRunConfig, log, cache_dir) -> dict[str, Any]:
   policy, sapo, warmup, mix, source = build(c)
-  run_dir = rundir.RunDirectory(out_dir, resume=False) if out_dir is not None else None
-  writer = simulate.RunWriter(run_dir, {'config.json': dataclasses.asdict(c)}, 0)
-  progress = {'rows': [], 'run_seconds': 0.0, 'status': 'completed', 'error': None}
-  timings, state = {'warmup_seconds': 0.0, 'compile_seconds': 0.0}, None
-  try:
-    with interrupts.deferred():
-      state = _prepare(c, policy, sapo, warmup, mix, source, cache_dir, log, timings)
-      for _ in range(c.rounds // c.log_every):
-        state = _sapo_chunk(c, _compiled_chunk(c, sapo, state), state, progress, writer, log)
-  except BaseException as e:
-    progress['status'], progress['error'] = simulate.ending(e)
-    raise
-  finally:
-    summary = _sapo_summary(c, progress, state, timings)
-    writer.finish(summary)
-    if run_dir is not None:
-      run_dir.discard()
-      run_dir.release()
-  return summary
-
-
-def _prepare(c, policy, sapo, warmup, mix, source, cache_dir, log, timings):
-  """The base models (warm-up) and the compiled chunk; returns the initial state."""
   t0 = time.perf_counter()
   params = base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
-                                cache_dir=cache_dir, source=source, log=log)
+                                cache_dir=cache_dir, source=source, log=log)  # leaves [N, ...]
   jax.block_until_ready(params)
-  timings['warmup_seconds'] = time.perf_counter() - t0
+  warmup_seconds = time.perf_counter() - t0
   simulate.stop_if_requested('during the warm-up')
-  t0 = time.perf_counter()
-  state = sapo.init(jax.random.key(c.seed), params)
-  _compiled_chunk(c, sapo, state)
-  timings['compile_seconds'] = time.perf_counter() - t0
-  simulate.stop_if_requested('while compiling')
-  return state
+  return simulate.run(as_protocol(sapo), params, lambda state: {}, key=jax.random.key(c.seed),
+                      rounds=c.rounds, eval_every=c.log_every,
+                      report=sapo_report(c, warmup_seconds), run_dir=run_dir,
+                      checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
+                      files={'config.json': dataclasses.asdict(c)})
 
 
-def _sapo_chunk(c, chunk, state, progress, writer, log):
-  t = time.perf_counter()
-  state, m = chunk(state)
-  m = jax.device_get(m)
-  progress['run_seconds'] += time.perf_counter() - t
-  rows = progress['rows']
-  new = [_row(len(rows) + 1 + k, m, k) for k in range(c.log_every)]
-  rows += new
-  finite = all(math.isfinite(r['loss']) for r in new)
-  for r in new:
-    writer.append(r, finite)
-  recent = np.mean([r['reward'] for r in new])
-  log(f'round {rows[-1]["round"]:>6}/{c.rounds}  reward {recent:.4f} (last {c.log_every})  '
-      f'loss {rows[-1]["loss"]:.4f}  {len(rows) / max(progress["run_seconds"], 1e-9):6.1f} rounds/s')
-  if not finite:
-    raise SimulationDiverged(f'GRPO diverged by round {rows[-1]["round"]}: the loss is not '
-                             'finite; lower --lr')
-  simulate.stop_if_requested(f'at round {rows[-1]["round"]}')
-  return state
+def as_protocol(sapo: sapo_lib.Sapo) -> Protocol:
+  """SAPO as a ``Protocol`` of the run loop: its data are the base models (leaves
+  ``[N, ...]``), which only ``init`` reads; it delivers no one model to evaluate."""
+  return Protocol(init=sapo.init, round=lambda state, base_params: sapo.round(state),
+                  model=None)
 
 
-def _sapo_summary(c, progress, state, timings) -> dict[str, Any]:
-  rows, run_seconds = progress['rows'], progress['run_seconds']
-  shared = int(np.asarray(state.bytes_shared).sum()) if rows and state is not None else 0
-  summary = summarize(rows, shared, c)
-  summary.update(status=progress['status'], **timings, wall_seconds=run_seconds,
-                 rounds_per_second=len(rows) / run_seconds if run_seconds > 0 else None)
-  if progress['error']:
-    summary['error'] = progress['error']
-  return summary
+def sapo_report(c: SapoRunConfig, warmup_seconds: float) -> report_lib.Report:
+  """A row per round (reward, loss, external groups, bytes shared); the paper's summary."""
+  return report_lib.Report(
+      fields=functools.partial(_fields, c.iterations), rows=_rows, problem=_problem,
+      summarize=lambda rows: {**summarize(rows, c), 'warmup_seconds': warmup_seconds},
+      line=_line)
 
 
-_COMPILED: dict = {}
+def _fields(iterations: int, state: sapo_lib.SapoState, metrics: sapo_lib.SapoMetrics,
+            evals) -> dict[str, Any]:
+  """The round count and the chunk's metrics (leaves ``[rounds, ...]``); node-steps =
+  GRPO steps of the online nodes."""
+  return {'round': state.round, 'node_steps': metrics.active_nodes.sum(-1) * iterations,
+          'metrics': {f.name: getattr(metrics, f.name) for f in dataclasses.fields(metrics)}}
 
 
-def _compiled_chunk(c: SapoRunConfig, sapo, state):
-  """One AOT-compiled chunk of ``log_every`` rounds per configuration; seeds share it."""
-  key = dataclasses.replace(c, seed=0)
-  if key not in _COMPILED:
-    scan = lambda s: jax.lax.scan(lambda s, _: sapo.round(s), s, None, length=c.log_every)
-    _COMPILED[key] = jax.jit(scan, donate_argnums=0).lower(state).compile()
-  return _COMPILED[key]
+def _rows(fields: dict[str, Any]) -> list[dict[str, Any]]:
+  m = fields['metrics']
+  count = len(m['reward'])
+  first = int(fields['round']) - count + 1
+  return [_row(first + k, m, k) for k in range(count)]
 
 
-def _row(round_: int, m: sapo_lib.SapoMetrics, k: int) -> dict[str, Any]:
-  nr = m.node_reward[k]
-  return {'round': round_, 'reward': float(m.reward[k]), 'exact': float(m.exact[k]),
+def _row(round_: int, m: dict[str, np.ndarray], k: int) -> dict[str, Any]:
+  nr = m['node_reward'][k]  # [N]
+  return {'round': round_, 'reward': float(m['reward'][k]), 'exact': float(m['exact'][k]),
           'node_reward_min': float(nr.min()), 'node_reward_max': float(nr.max()),
-          'loss': float(m.loss[k]), 'external_groups': float(m.external_groups[k]),
-          'signal_fraction': float(m.signal_fraction[k]), 'bytes_shared': int(m.bytes_shared[k]),
-          'active_nodes': int(m.active_nodes[k])}
+          'loss': float(m['loss'][k]), 'external_groups': float(m['external_groups'][k]),
+          'signal_fraction': float(m['signal_fraction'][k]),
+          'bytes_shared': int(m['bytes_shared'][k]), 'active_nodes': int(m['active_nodes'][k])}
+
+
+def _problem(rows: list[dict[str, Any]], node_steps: int, fields) -> Exception | None:
+  if any(r['loss'] is None for r in rows):
+    return SimulationDiverged(f'GRPO diverged by round {rows[-1]["round"]}: the loss is not '
+                              'finite; lower --lr')
+  return None
+
+
+def _line(rows: list[dict[str, Any]]) -> str:
+  recent = np.mean([r['reward'] for r in rows])
+  return f'reward {recent:.4f} (last {len(rows)})  loss {rows[-1]["loss"]:.4f}'
 
 
 def moving_average(x, window: int) -> np.ndarray:
@@ -248,9 +253,10 @@ def moving_average(x, window: int) -> np.ndarray:
   return (c[1:] - c[np.arange(1, len(x) + 1) - w]) / w
 
 
-def summarize(rows: list[dict[str, Any]], bytes_total: int, c: SapoRunConfig) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], c: SapoRunConfig) -> dict[str, Any]:
   """``cumulative_reward`` = the sum over rounds of the swarm-mean reward (the paper's measure)."""
-  rewards = np.asarray([r['reward'] for r in rows], np.float64)
+  rewards = np.asarray([r['reward'] for r in rows if r['reward'] is not None], np.float64)
+  bytes_total = sum(r['bytes_shared'] for r in rows)
   tenth = max(len(rewards) // 10, 1)
   return {
       'cumulative_reward': float(rewards.sum()),

@@ -33,8 +33,7 @@ def rows(config, mesh):
   with tempfile.TemporaryDirectory() as out:
     summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=jax.random.key(config.seed),
                            rounds=config.rounds, eval_every=config.eval_every,
-                           message_bytes=experiment.message_bytes(config, exp.protocol,
-                                                                  exp.learner), mesh=mesh,
+                           report=experiment.make_report(config, exp), mesh=mesh,
                            out_dir=out,
                            log=lambda _: None)
     lines = (pathlib.Path(out) / 'metrics.jsonl').read_text().splitlines()
