@@ -106,8 +106,10 @@ class RunConfig(Component):
   rounds: int = option(300, 'Rounds to run (a multiple of --eval_every).', low=1,
                        high=2 ** 31 - 1)
   eval_every: int = option(20, 'Rounds per jit-compiled chunk between evaluations.', low=1)
-  eval_nodes: int = option(10, 'Decentralized protocols: individual nodes evaluated (evenly '
-                           'spaced ids; all when fewer).', low=0)
+  eval_nodes: int = option(0, 'Protocols whose nodes hold their own models (D-PSGD, gossip): '
+                           'nodes whose models are evaluated; accuracy is their mean (0: all '
+                           'nodes; k: a fixed random subset of k).', low=0,
+                           hint='(0: all nodes)')
   target_accuracy: float = option(0.8, 'Accuracy for *_to_target in summary.json.', low=0,
                                   high=1)
   seed: int = option(0, 'Seed of data, partition, graph, init and every draw.', low=0,

@@ -87,6 +87,7 @@ class Experiment:
   data: NodeData
   evaluate: simulate.EvaluateFn
   dataset: sources.ArrayDataset
+  apply_fn: Any  # (params of one model, x [B, ...]) -> logits [B, classes]
 
 
 def load_data(c: ExperimentConfig, dataset: sources.ArrayDataset | None = None
@@ -162,30 +163,47 @@ def make_protocol(c: ExperimentConfig, learner: Learner, learner_with=None) -> P
   return churn_lib.with_churn(protocol, availability) if availability else protocol
 
 
+EVAL_NODE_SEED = 0x5E1EC7  # stream of the --eval_nodes subset, apart from every other draw
+
+
+def eval_node_ids(c: ExperimentConfig) -> np.ndarray | None:
+  """The nodes whose own models are evaluated: None for all (``--eval_nodes=0`` or at
+  least ``--nodes``), else a fixed random subset of ``eval_nodes`` ids, sorted."""
+  if c.eval_nodes == 0 or c.eval_nodes >= c.nodes:
+    return None
+  ids = np.random.default_rng([c.seed, EVAL_NODE_SEED]).choice(c.nodes, c.eval_nodes,
+                                                              replace=False)
+  return np.sort(ids).astype(np.int32)
+
+
 def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax.Array,
                   y_test: jax.Array) -> simulate.EvaluateFn:
-  """Accuracy and loss of the protocol's model, its extra metrics; for protocols whose
-  nodes hold their own models (``protocol.node_models``) also ``eval_nodes`` individual
-  nodes (evenly spaced ids) and the consensus distance."""
+  """The row's evaluation (README, "Metrics").
+
+  A protocol that delivers one model (FedAvg, MoDeST) is scored on it. For one
+  whose nodes hold their own models (``protocol.node_models``: D-PSGD, gossip)
+  ``accuracy`` and ``loss`` are the means over the evaluated nodes' own models
+  (``eval_node_ids``), with the accuracy's quantiles over nodes; the node-average
+  model, which no node holds, is ``consensus_accuracy`` / ``consensus_loss``.
+  """
   evaluate_model = metrics_lib.make_evaluate(apply_fn)
-  count = min(c.eval_nodes, c.nodes)  # all nodes when fewer than asked
-  eval_ids = jnp.asarray(np.linspace(0, c.nodes - 1, count).round().astype(np.int32))
+  ids = eval_node_ids(c)
 
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
-    out = {'accuracy': accuracy, 'loss': loss}
     nodes = protocol.node_models(state) if protocol.node_models else None
-    models = nodes if nodes is not None else jax.tree.map(lambda x: x[None], protocol.model(state))
+    if nodes is None:
+      out = {'accuracy': accuracy, 'loss': loss}
+      models = jax.tree.map(lambda x: x[None], protocol.model(state))
+    else:
+      evaluated = nodes if ids is None else jax.tree.map(lambda p: p[ids], nodes)
+      out = metrics_lib.node_accuracy(evaluate_model, evaluated, x_test, y_test)
+      out.update(consensus_accuracy=accuracy, consensus_loss=loss,
+                 consensus_distance=metrics_lib.consensus_distance(nodes))
+      models = nodes
     out.update(metrics_lib.weight_variance(models))
     if protocol.extra_metrics:
       out.update(protocol.extra_metrics(state))
-    if nodes is not None:
-      out['consensus_distance'] = metrics_lib.consensus_distance(nodes)
-      if count:
-        rows = jax.tree.map(lambda p: p[eval_ids], nodes)
-        node_acc, _ = jax.lax.map(lambda p: evaluate_model(p, x_test, y_test), rows)
-        out.update(node_accuracy_mean=jnp.mean(node_acc), node_accuracy_min=jnp.min(node_acc),
-                   node_accuracy_max=jnp.max(node_acc))
     return out
 
   return evaluate
@@ -228,7 +246,7 @@ def build(c: ExperimentConfig, *, dataset: sources.ArrayDataset | None = None,
                            lambda transform: make_learner(c, dataset, transform, module)[0])
   evaluate = make_evaluate(c, protocol, apply_fn, jnp.asarray(dataset.x_test),
                            jnp.asarray(dataset.y_test))
-  return Experiment(c, protocol, learner, data, evaluate, dataset)
+  return Experiment(c, protocol, learner, data, evaluate, dataset, apply_fn)
 
 
 def root_keys(c: ExperimentConfig) -> jax.Array:

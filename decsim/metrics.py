@@ -60,6 +60,19 @@ def make_evaluate(apply_fn: ApplyFn, batch_size: int = 1000):
   return evaluate
 
 
+NODE_EVAL_BATCH = 16  # node models scored at once (vmapped) by node_accuracy
+
+
+def node_accuracy(evaluate: Callable, stacked: Stacked, x: jax.Array, y: jax.Array,
+                  batch_size: int = NODE_EVAL_BATCH) -> dict[str, jax.Array]:
+  """Each node's own model on the test set (leaves ``[k, ...]``), ``batch_size`` at a time:
+  ``accuracy`` and ``loss`` (means over nodes) and the accuracy's quantiles over nodes."""
+  acc, loss = jax.lax.map(lambda p: evaluate(p, x, y), stacked, batch_size=batch_size)  # [k]
+  return {'accuracy': jnp.mean(acc), 'loss': jnp.mean(loss), 'accuracy_min': jnp.min(acc),
+          'accuracy_p10': jnp.quantile(acc, 0.1), 'accuracy_median': jnp.median(acc),
+          'accuracy_max': jnp.max(acc)}
+
+
 def consensus_distance(stacked: Stacked) -> jax.Array:
   """(1/N) sum_i ||x_i - mean_j x_j||^2 over all parameters."""
 

@@ -30,9 +30,10 @@ def plot_accuracy(run_dir: pathlib.Path, target: float | None = None) -> pathlib
   rows = read_metrics(run_dir)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   _line_with_band(ax, rows, 'round', marker='.')
-  if 'node_accuracy_mean' in (rows[0] if rows else {}):
-    ax.plot([r['round'] for r in rows], [r['node_accuracy_mean'] for r in rows], ls='--',
-            label='individual nodes (mean)')
+  if 'consensus_accuracy' in (rows[0] if rows else {}):
+    ax.lines[0].set_label("nodes' own models (mean)")
+    ax.plot([r['round'] for r in rows], [r['consensus_accuracy'] for r in rows], ls='--',
+            label='node-average model (held by no node)')
     ax.legend()
   if target is not None:
     ax.axhline(target, color='gray', lw=0.8, ls=':')

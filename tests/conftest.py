@@ -1,6 +1,8 @@
 """Shared fixtures: small generated data and tiny learners, so the suite stays fast on 2 CPUs."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
@@ -11,6 +13,23 @@ settings.register_profile('dev', deadline=None)
 settings.load_profile('ci' if os.environ.get('CI') else 'dev')
 
 os.environ.setdefault('DECSIM_CACHE', os.path.join(os.path.dirname(__file__), '..', '.cache'))
+
+# One persistent XLA compilation cache for the session, shared by the xdist workers, the
+# CLI subprocesses and the notebook kernels (they inherit the environment): many tests
+# compile the same small programs. A size limit turns on JAX's file lock, so concurrent
+# workers never read a half-written entry. The controller makes it (this file is loaded
+# before the workers start, and they inherit the variable) and removes it at the end.
+if 'DECSIM_TEST_XLA_CACHE' not in os.environ:
+  os.environ['DECSIM_TEST_XLA_CACHE'] = tempfile.mkdtemp(prefix='decsim-test-xla-cache-')
+XLA_CACHE = os.environ['DECSIM_TEST_XLA_CACHE']
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', XLA_CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 * 2 ** 30))
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, 'workerinput'):  # the controller, after every worker
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -39,7 +39,7 @@ def test_own_protocol_sends_nothing_and_scores_its_nodes(tmp_path):
   summary = _example('own_protocol').main(tmp_path / 'run')
   rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert summary['bytes_total'] == 0 and all(r['models_sent'] == 0 for r in rows)
-  assert 'node_accuracy_mean' in rows[-1] and summary['node_steps_per_second'] > 0
+  assert 'consensus_accuracy' in rows[-1] and summary['node_steps_per_second'] > 0
 
 
 def test_own_aggregator_is_the_mean_when_nothing_is_clipped_and_bounds_an_outlier(tmp_path):

@@ -63,7 +63,7 @@ def churn_configs(quick: bool) -> dict[str, ExperimentConfig]:
 
 
 COLUMNS = ('final_accuracy', 'rounds_to_target', 'seconds_to_target', 'bytes_to_target',
-           'final_node_accuracy', 'bytes_to_target_nodes')
+           'final_consensus_accuracy')
 
 
 def _run(name: str, configs: dict[str, ExperimentConfig], out_dir: pathlib.Path) -> dict:

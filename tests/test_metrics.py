@@ -1,0 +1,74 @@
+"""What `accuracy` means (README, "Metrics"): the models nodes hold. For D-PSGD and gossip
+the mean over the nodes' own models, checked against a per-node loop; the node average
+apart as consensus_accuracy; FedAvg's delivered model."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from decsim import experiment, metrics
+
+
+def _after_rounds(config, rounds=2):
+  exp = experiment.build(config)
+  state = jax.jit(exp.protocol.init)(jax.random.key(config.seed), exp.data)
+  step = jax.jit(exp.protocol.round)
+  for _ in range(rounds):
+    state, _ = step(state, exp.data)
+  return exp, state
+
+
+def _per_node(exp, params, ids):
+  """Each listed node's own (accuracy, loss), one model at a time."""
+  evaluate = jax.jit(metrics.make_evaluate(exp.apply_fn))
+  x, y = exp.dataset.x_test, exp.dataset.y_test
+  return np.array([[float(v) for v in evaluate(jax.tree.map(lambda p: p[i], params), x, y)]
+                   for i in ids])
+
+
+@pytest.mark.parametrize('eval_nodes', [0, 4])
+def test_dpsgd_accuracy_is_the_mean_of_the_nodes_own_models(tiny_config, eval_nodes):
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', nodes=10, degree=2,
+                               init='independent', eval_nodes=eval_nodes)
+  exp, state = _after_rounds(config)
+  ids = experiment.eval_node_ids(config)
+  ids = np.arange(10) if ids is None else ids
+  row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
+  own = _per_node(exp, state.nodes.params, ids)  # [k, 2]
+  assert row['accuracy'] == pytest.approx(own[:, 0].mean(), abs=1e-6)
+  assert row['loss'] == pytest.approx(own[:, 1].mean(), rel=1e-5)
+  assert row['accuracy_min'] == pytest.approx(own[:, 0].min(), abs=1e-6)
+  assert row['accuracy_median'] == pytest.approx(np.median(own[:, 0]), abs=1e-6)
+  assert row['accuracy_p10'] == pytest.approx(np.quantile(own[:, 0], 0.1), abs=1e-6)
+  assert row['accuracy_max'] == pytest.approx(own[:, 0].max(), abs=1e-6)
+  average = jax.tree.map(lambda p: p.mean(0, keepdims=True), state.nodes.params)
+  assert row['consensus_accuracy'] == pytest.approx(_per_node(exp, average, [0])[0, 0], abs=1e-6)
+  assert len(set(own[:, 0])) > 1  # the nodes differ, so the mean is not the consensus by luck
+
+
+def test_eval_nodes_is_a_fixed_random_subset(tiny_config):
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', nodes=20, eval_nodes=5)
+  ids = experiment.eval_node_ids(config)
+  assert len(set(ids)) == 5 and list(ids) == sorted(ids) and 0 <= ids.min() and ids.max() < 20
+  np.testing.assert_array_equal(ids, experiment.eval_node_ids(config))
+  assert experiment.eval_node_ids(dataclasses.replace(config, eval_nodes=0)) is None
+  assert experiment.eval_node_ids(dataclasses.replace(config, eval_nodes=20)) is None
+  assert not np.array_equal(ids, experiment.eval_node_ids(dataclasses.replace(config, seed=1)))
+
+
+def test_fedavg_scores_its_delivered_model_and_summary_uses_accuracy(tiny_config, tmp_path):
+  exp, state = _after_rounds(tiny_config)
+  row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
+  model = jax.tree.map(lambda p: p[None], exp.protocol.model(state))
+  assert row['accuracy'] == pytest.approx(_per_node(exp, model, [0])[0, 0], abs=1e-6)
+  assert 'consensus_accuracy' not in row and 'accuracy_median' not in row
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', degree=2, target_accuracy=0.3)
+  summary = experiment.run(config, out_dir=tmp_path, log=lambda _: None)
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  hit = next((r for r in rows if r['accuracy'] >= 0.3), None)
+  assert summary['rounds_to_target'] == (hit['round'] if hit else None)
+  assert summary['final_accuracy'] == rows[-1]['accuracy']
+  assert summary['final_consensus_accuracy'] == rows[-1]['consensus_accuracy']
