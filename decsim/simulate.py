@@ -137,6 +137,7 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, che
     state, data = _initial_state(protocol, key, data, mesh, replicated)
     if resume:
       state = writer.restore(state, progress, mesh, log)
+    log(f'compiling a chunk of {eval_every} rounds and the evaluation ...')
     t0 = time.perf_counter()
     chunk = compile_chunk(protocol, state, data, eval_every, mesh, replicated)
     evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-from decsim import interrupts
+from decsim import interrupts, xla_cache
 from decsim.errors import RunInterrupted, UserError
 
 _OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory', 'Unable to allocate')
@@ -68,6 +68,13 @@ def one_line_errors(prog: str = 'decsim'):
     print(f'{prog}: internal error: {type(e).__name__}: {line[:300]} (run again with '
           'DECSIM_DEBUG=1 for the traceback and report it)', file=sys.stderr)
     sys.exit(1)
+
+
+def define_compilation_cache_flag(flag_values: flags.FlagValues, module_name: str) -> None:
+  flags.DEFINE_string('compilation_cache', xla_cache.default_dir(),
+                      "JAX's persistent compilation cache: a second run of the same "
+                      "configuration loads its compiled rounds instead of compiling them "
+                      "('' turns it off).", flag_values=flag_values, module_name=module_name)
 
 
 def check_backend(prog: str = 'decsim') -> None:

@@ -7,12 +7,13 @@ stdout and a PNG plot; each run's own files go into ``DIR/<label>/``.
 
 from absl import app, flags
 
-from decsim import rundir, studies
+from decsim import rundir, studies, xla_cache
 from launch import cli
 
 flags.DEFINE_string('study', None, 'Which study to run (see decsim/studies/__init__.py).')
 flags.DEFINE_string('out', None, 'Output directory of the study.')
 flags.DEFINE_bool('quick', False, 'A smaller, faster version of the study (for smoke tests).')
+cli.define_compilation_cache_flag(flags.FLAGS, __name__)
 FLAGS = flags.FLAGS
 
 
@@ -28,6 +29,7 @@ def main(argv) -> None:
   with cli.one_line_errors(PROG):
     out = rundir.check_path(FLAGS.out)
     cli.check_backend(PROG)
+    xla_cache.enable(FLAGS.compilation_cache)
     run(out, quick=FLAGS.quick)
 
 

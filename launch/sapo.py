@@ -18,7 +18,7 @@ import sys
 from absl import flags, logging
 
 from decsim import config as config_lib
-from decsim import rundir
+from decsim import rundir, xla_cache
 from decsim.errors import ConfigError
 from decsim.rl import experiment
 from decsim.rl.experiment import SapoRunConfig
@@ -37,6 +37,7 @@ flags.DEFINE_integer('seeds', 3, '--study: seeds per configuration.', flag_value
                      module_name=_STUDY)
 flags.DEFINE_string('out', 'runs/sapo', 'Output directory (metrics.jsonl, summary.json, ...).',
                     flag_values=FLAGS, module_name=_STUDY)
+cli.define_compilation_cache_flag(FLAGS, _STUDY)
 
 
 def config_from_flags() -> SapoRunConfig:
@@ -54,6 +55,7 @@ def main(argv) -> None:
 def _run(config: SapoRunConfig) -> None:
   out = rundir.check_path(FLAGS.out)
   cli.check_backend(PROG)
+  xla_cache.enable(FLAGS.compilation_cache)
   if FLAGS.study:
     from decsim.studies import sapo as sapo_study
     if FLAGS.seeds < 1:

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from decsim import config as config_lib
-from decsim import experiment, rundir, sharding
+from decsim import experiment, rundir, sharding, xla_cache
 from decsim.experiment import ExperimentConfig
 from decsim.protocols import registry
 from launch import cli
@@ -31,6 +31,7 @@ flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes (1: si
                      module_name=_OUTPUT)
 flags.DEFINE_integer('process_id', 0, 'Multi-host: this process, 0..num_processes-1.',
                      module_name=_OUTPUT)
+cli.define_compilation_cache_flag(flags.FLAGS, _OUTPUT)
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +59,7 @@ def main(argv) -> None:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)  # before anything starts a JAX backend
     cli.check_backend()
+    xla_cache.enable(FLAGS.compilation_cache)
     # Multi-host: every process runs the same program; process 0 writes the run directory.
     out = FLAGS.out if FLAGS.num_processes == 1 or FLAGS.process_id == 0 else None
     summary = experiment.run(config, out_dir=out)

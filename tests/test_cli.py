@@ -134,3 +134,30 @@ def test_divergence_stops_with_one_line_and_keeps_metrics(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert rows[0]['round'] == 2 and rows[0]['loss'] is None  # strict JSON: null, not NaN
   assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['status'] == 'diverged'
+
+
+def test_compilation_cache_flag_points_jax_at_its_directory_and_empty_turns_it_off(tmp_path):
+  """--compilation_cache=DIR: compiled programs land in DIR (a second run loads them);
+  an empty value turns the cache off. The session's own cache is restored after."""
+  import jax
+  import jax.numpy as jnp
+  from decsim import xla_cache
+  session = jax.config.jax_compilation_cache_dir
+  try:
+    assert xla_cache.enable(str(tmp_path / 'xla')) == str(tmp_path / 'xla')
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # tiny programs
+
+    def on(x):
+      return jnp.sin(x) * 3.0 + 17.0
+
+    def off(x):
+      return jnp.cos(x) * 5.0 - 3.0
+
+    names = lambda: [p.name for p in (tmp_path / 'xla').iterdir()]
+    jax.jit(on).lower(jnp.ones(7)).compile()
+    assert any(n.startswith('jit_on-') for n in names())
+    assert xla_cache.enable('') is None and not jax.config.jax_enable_compilation_cache
+    jax.jit(off).lower(jnp.ones(9)).compile()
+    assert not any(n.startswith('jit_off-') for n in names())
+  finally:
+    xla_cache.enable(session or '')

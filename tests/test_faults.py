@@ -351,7 +351,11 @@ def test_two_concurrent_runs_one_wins_the_other_leaves_it_whole(tmp_path):
   while not list(tmp_path.glob('.run.staging-*')) and not out.exists():
     assert time.time() < deadline and first.poll() is None
     time.sleep(0.05)
-  second = _launch('launch.simulate', [*args[:-1], '--lr=0.5', f'--out={out}'])
+  first.send_signal(signal.SIGSTOP)  # holds the lock however fast its rounds are (cached)
+  try:
+    second = _launch('launch.simulate', [*args[:-1], '--lr=0.5', f'--out={out}'])
+  finally:
+    first.send_signal(signal.SIGCONT)
   first_err = first.communicate(timeout=120)[1]
   assert first.returncode == 0, first_err
   assert second.returncode == 2 and 'in use by another decsim run' in _one_error_line(

@@ -9,9 +9,14 @@ nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / 'notebooks').glob('*.ipynb'))
+# CI time: these two run code that other CI tests cover (the variance study's runs, SAPO
+# through the run loop); the slow suite runs them.
+SLOW = {'vanishing_variance', 'sapo'}
 
 
-@pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize('path', [
+    pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
+    for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
   monkeypatch.setenv('DECSIM_NOTEBOOK_TINY', '1')
   nb = nbformat.read(path, as_version=4)
