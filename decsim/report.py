@@ -10,7 +10,9 @@ message kind); SAPO has its own (``decsim.rl.experiment.sapo_report``).
 With replicas (a leading replica axis on every field) the loop makes each
 replica's rows and merges them: every value becomes the mean over replicas,
 with ``<key>_std`` (population standard deviation) and ``<key>_replicas``
-(the values) beside it.
+(the values) beside it. The summary of a replicated run summarises each replica
+on its own and reports every number's mean, sample std and 95% t-interval
+(``replica_summary``).
 """
 
 import functools
@@ -75,6 +77,46 @@ def merge_replicas(replicas: list[Row]) -> Row:
   return row
 
 
+def replica_rows(rows: list[Row], i: int) -> list[Row]:
+  """Replica ``i``'s own rows, taken back out of merged rows (``<key>_replicas``)."""
+  suffix = '_replicas'
+  return [{'round': r['round'], **{k[:-len(suffix)]: v[i] for k, v in r.items()
+                                   if k.endswith(suffix)}} for r in rows]
+
+
+def replica_summary(summarize: Callable[[list[Row]], dict[str, Any]],
+                    rows: list[Row]) -> dict[str, Any]:
+  """The summary of a replicated run: each replica summarised from its own rows, then
+  every number as the mean over replicas with ``_std`` (sample standard deviation),
+  ``_ci95`` (95% Student-t interval of the mean) and ``_replicas`` (the values).
+  A value some replicas lack (e.g. a target not reached) is None, with its values."""
+  per_replica = [summarize(replica_rows(rows, i)) for i in range(rows[0]['replicas'])]
+  return _combine(per_replica)
+
+
+def _combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+  out = {}
+  for key in summaries[0]:
+    values = [s[key] for s in summaries]
+    if all(isinstance(v, dict) for v in values):
+      out[key] = _combine(values)
+    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      out.update(_spread(key, values))
+    elif all(v == values[0] for v in values):
+      out[key] = values[0]
+    else:
+      out.update({key: None, f'{key}_replicas': values})
+  return out
+
+
+def _spread(key: str, values: list[float]) -> dict[str, Any]:
+  import scipy.stats  # only for replicated runs
+  mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+  half = float(scipy.stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+  return {key: mean, f'{key}_std': std, f'{key}_ci95': [mean - half, mean + half],
+          f'{key}_replicas': values}
+
+
 # --- the learning protocols on the simulated network ------------------------------------------
 
 # Reductions over the node axis on the device: per-node values may be split over
@@ -107,6 +149,7 @@ def _network_row(message_bytes: tuple[int, ...], fields: dict[str, Any]) -> list
       'round': int(fields['round']),
       'train_loss': float(fields['train_loss']),
       'sim_seconds': float(fields['sim_seconds']),
+      'node_steps': int(fields['node_steps']),  # local steps since the previous row
       'models_sent': int(counts[MODEL]),
       'bytes_total': sum(by_kind.values()),
       **by_kind,

@@ -26,7 +26,7 @@ from decsim.checkpoint import CheckpointError, Checkpointer
 from decsim.errors import RunInterrupted, SimulationDiverged
 from decsim.data.sampler import NodeData
 from decsim.protocols.base import Protocol
-from decsim.report import Report, chunk_rows
+from decsim.report import Report, chunk_rows, replica_summary
 from decsim.rundir import RunDirectory
 from decsim.state import SimState
 from decsim.types import PRNGKey
@@ -218,7 +218,9 @@ def ending(e: BaseException) -> tuple[str, str]:
 def _summary(progress: _Progress, report: Report, mesh) -> dict[str, Any]:
   """The family's summary of the rows, then how the run went and what it cost."""
   run_seconds, rounds = progress.run_seconds, progress.rows[-1]['round'] if progress.rows else 0
-  summary = report.summarize(progress.rows)
+  replicated = bool(progress.rows) and 'replicas' in progress.rows[0]
+  summary = (replica_summary(report.summarize, progress.rows) if replicated
+             else report.summarize(progress.rows))
   summary.update(
       wall_seconds=run_seconds, compile_seconds=progress.compile_seconds,
       rounds_per_second=rounds / run_seconds if run_seconds > 0 else None,

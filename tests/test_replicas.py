@@ -32,3 +32,14 @@ def test_replica_rows_match_single_runs(tiny_config, tmp_path):
     np.testing.assert_allclose(row['accuracy'], np.mean(row['accuracy_replicas']))
     np.testing.assert_allclose(row['accuracy_std'], np.std(row['accuracy_replicas']))
   assert rows[-1]['accuracy_replicas'][0] != rows[-1]['accuracy_replicas'][1]  # seeds differ
+  # the summary summarises each replica on its own: mean, sample std, 95% t-interval
+  summary = json.loads((tmp_path / 'rep' / 'summary.json').read_text())
+  finals = rows[-1]['accuracy_replicas']
+  assert summary['final_accuracy_replicas'] == finals
+  np.testing.assert_allclose(summary['final_accuracy'], np.mean(finals))
+  np.testing.assert_allclose(summary['final_accuracy_std'], np.std(finals, ddof=1))
+  half = 12.706204736174707 * np.std(finals, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+  np.testing.assert_allclose(summary['final_accuracy_ci95'],
+                             [np.mean(finals) - half, np.mean(finals) + half])
+  best = [max(r['accuracy_replicas'][i] for r in rows) for i in range(2)]
+  assert summary['best_accuracy_replicas'] == best and summary['rounds'] == 6
