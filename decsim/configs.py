@@ -103,9 +103,10 @@ class RunConfig(Component):
                          '(decsim.protocols.registry), e.g. fedavg, fedprox, dpsgd, gossip, '
                          'modest.')
   nodes: int = option(100, 'Number of nodes N.', low=1, high=100_000_000)
-  rounds: int = option(300, 'Rounds to run (a multiple of --eval_every).', low=1,
-                       high=2 ** 31 - 1)
-  eval_every: int = option(20, 'Rounds per jit-compiled chunk between evaluations.', low=1)
+  rounds: int = option(300, 'Rounds to run (the last evaluation is at the last round).',
+                       low=1, high=2 ** 31 - 1)
+  eval_every: int = option(20, 'Rounds per jit-compiled chunk between evaluations (a '
+                           'shorter last chunk ends at --rounds).', low=1)
   eval_nodes: int = option(0, 'Protocols whose nodes hold their own models (D-PSGD, gossip): '
                            'nodes whose models are evaluated; accuracy is their mean (0: all '
                            'nodes; k: a fixed random subset of k).', low=0,
@@ -123,9 +124,6 @@ class RunConfig(Component):
                         "host's); --nodes must be a multiple of it.", low=0)
 
   def check(self):
-    check(self.rounds % self.eval_every == 0,
-          f'--rounds={self.rounds} is not a multiple of --eval_every={self.eval_every}: '
-          'make it one (rounds run in chunks of eval_every)')
     check(self.checkpoint_every % self.eval_every == 0,
           f'--checkpoint_every={self.checkpoint_every} must be 0 (off) or a multiple of '
           f'--eval_every={self.eval_every}')

@@ -107,9 +107,9 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   ``mesh`` the node axis is split over its devices (``decsim.sharding``); a batch
   of keys (one per replica) runs the replicas as one vmapped simulation.
   """
-  if rounds % eval_every or checkpoint_every % eval_every:
-    raise ValueError(f'rounds={rounds} and checkpoint_every={checkpoint_every} must be '
-                     f'multiples of eval_every={eval_every}')
+  if checkpoint_every % eval_every:
+    raise ValueError(f'checkpoint_every={checkpoint_every} must be a multiple of '
+                     f'eval_every={eval_every}')
   if (checkpoint_every or resume) and out_dir is None and run_dir is None:
     raise ValueError('checkpoints need an output directory')
   own_dir = run_dir is None and out_dir is not None
@@ -139,13 +139,17 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, che
       state = writer.restore(state, progress, mesh, log)
     log(f'compiling a chunk of {eval_every} rounds and the evaluation ...')
     t0 = time.perf_counter()
-    chunk = compile_chunk(protocol, state, data, eval_every, mesh, replicated)
+    chunks = {}  # length -> compiled chunk: eval_every, and a shorter last one if needed
     evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
     evaluate.lower(state).compile()
     progress.compile_seconds = time.perf_counter() - t0
-    stop_if_requested('while compiling')
-    for _ in range(int(np.max(state.round)) // eval_every, rounds // eval_every):
-      state, rows = _one_chunk(chunk, evaluate, state, data, report, progress, writer)
+    for length in chunk_lengths(int(np.max(state.round)), rounds, eval_every):
+      if length not in chunks:
+        t0 = time.perf_counter()
+        chunks[length] = compile_chunk(protocol, state, data, length, mesh, replicated)
+        progress.compile_seconds += time.perf_counter() - t0
+        stop_if_requested('while compiling')
+      state, rows = _one_chunk(chunks[length], evaluate, state, data, report, progress, writer)
       log(_progress_line(report.line(rows), rows[-1]['round'], rounds, progress.run_seconds))
       stop_if_requested(f'at round {progress.rows[-1]["round"]}')
   except BaseException as e:
@@ -157,6 +161,13 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, che
   summary = _summary(progress, report, mesh)
   writer.finish(summary)
   return summary
+
+
+def chunk_lengths(done: int, rounds: int, eval_every: int) -> list[int]:
+  """Rounds of each chunk from round ``done`` to ``rounds``: rows at every multiple of
+  ``eval_every`` and at the last round."""
+  ends = [*range((done // eval_every + 1) * eval_every, rounds, eval_every), rounds]
+  return [end - start for start, end in zip([done, *ends], ends) if end > start]
 
 
 def _initial_state(protocol, key, data, mesh, replicated):

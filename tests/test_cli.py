@@ -25,7 +25,6 @@ BAD_FLAGS = [
     (['--protocol=dpsgd', '--degree=100', '--nodes=100'], '--degree'),
     (['--protocol=dpsgd', '--nodes=7', '--degree=3'], 'even'),
     (['--alpha=0'], '--alpha'),
-    (['--rounds=10', '--eval_every=3'], 'multiple'),
     (['--nodez=3'], 'nodez'),
     (['--nodes=abc'], '--nodes'),
     (['--dataset=mnist', '--data_dir=/nonexistent/tfds'], '/nonexistent/tfds'),

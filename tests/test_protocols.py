@@ -127,3 +127,19 @@ def test_fedavg_learns_beyond_a_linear_model(tmp_path):
                                        partition='iid', model='lenet', rounds=60, eval_every=30)
   _, summary = _run(config, tmp_path)
   assert summary['final_accuracy'] > 0.5
+
+
+def test_rounds_not_a_multiple_of_eval_every_end_with_a_shorter_chunk(tiny_config, tmp_path):
+  """--rounds=7 --eval_every=3: rows at 3, 6 and 7, the same rows an --eval_every=1 run
+  writes at those rounds (a shorter last chunk, compiled once more)."""
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', degree=2, rounds=7, eval_every=3)
+  experiment.run(config, out_dir=tmp_path / 'three', log=lambda _: None)
+  experiment.run(dataclasses.replace(config, eval_every=1), out_dir=tmp_path / 'one',
+                 log=lambda _: None)
+  read = lambda d: [json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+  three, one = read('three'), {r['round']: r for r in read('one')}
+  assert [r['round'] for r in three] == [3, 6, 7]
+  for row in three:
+    # node_steps and train_loss are per row: since the previous row
+    same = {k: row[k] for k in row if k not in ('node_steps', 'train_loss')}
+    assert same == pytest.approx({k: one[row['round']][k] for k in same}, rel=1e-5, abs=1e-6)

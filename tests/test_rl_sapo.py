@@ -227,7 +227,7 @@ def _launch(args, tmp_path):
     (['--filter=best'], '--filter'),
     (['--external_groups=40', '--nodes=3', '--local_groups=2'], '--external_groups'),
     (['--task_mix=add,sort'], '--task_mix'),
-    (['--rounds=7', '--log_every=5'], '--log_every'),
+    (['--log_every=0'], '--log_every'),
     (['--generations=1'], '--generations'),
     (['--base_init=same'], '--base_init'),
     (['--rounds=8', '--log_every=2', '--checkpoint_every=3'], '--checkpoint_every'),

@@ -63,7 +63,8 @@ class SapoRunConfig(Component):
   external_groups: int = option(4, 'J: groups drawn from other nodes.', low=0)
   generations: int = option(8, 'G: completions per question (>= 2 for a group-standardised '
                             'advantage).', low=2)
-  rounds: int = option(200, 'Rounds (a multiple of --log_every).', low=1, high=2 ** 31 - 1)
+  rounds: int = option(200, 'Rounds (a shorter last chunk ends at --rounds).', low=1,
+                      high=2 ** 31 - 1)
   filter: str = option('nonzero_advantage', 'How external groups are drawn.',
                        choices=sapo_lib.FILTERS)
   task_mix: str = option('rev,add', 'Task kinds and weights, e.g. add,chain or add:2,bits:1; '
@@ -106,8 +107,6 @@ class SapoRunConfig(Component):
           f'--external_groups={self.external_groups} exceeds the '
           f'{(self.nodes - 1) * self.local_groups} groups other nodes share '
           '(nodes-1)*local_groups: lower it or raise --nodes')
-    check(self.rounds % self.log_every == 0, f'--rounds={self.rounds} is not a multiple of '
-          f'--log_every={self.log_every}: change one of them')
     check(self.checkpoint_every % self.log_every == 0,
           f'--checkpoint_every={self.checkpoint_every} must be 0 (off) or a multiple of '
           f'--log_every={self.log_every}')
