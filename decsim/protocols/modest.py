@@ -277,12 +277,16 @@ def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, online: jax
           network: Network, aggregators: int, ping_timeout: float):
   """Each participant ``sample [s]`` probes its ranking ``cand [s, C]`` of round r+1 in
   order until ``aggregators`` candidates answer; an offline candidate costs
-  ``ping_timeout``, a live one a round trip. Returns (chosen [s, a], chosen_ok [s, a],
-  probed [s, C], responsive [s, C], probe seconds [s])."""
+  ``ping_timeout``, a live one a round trip. A participant that finds fewer than
+  ``aggregators`` has probed, and waited for, every candidate of its ranking.
+  Returns (chosen [s, a], chosen_ok [s, a], probed [s, C], responsive [s, C],
+  probe seconds [s])."""
   a, candidates = aggregators, cand.shape[1]
   responsive = cand_valid & online[cand]  # [s, C]
   is_agg = responsive & (jnp.cumsum(responsive, axis=1) <= a)  # [s, C]
-  last_probe = jnp.max(jnp.where(is_agg, jnp.arange(candidates), -1), axis=1)  # [s]
+  found_all = jnp.sum(is_agg, axis=1) >= a  # [s]
+  last_found = jnp.max(jnp.where(is_agg, jnp.arange(candidates), -1), axis=1)  # [s]
+  last_probe = jnp.where(found_all, last_found, candidates - 1)  # [s]
   probed = cand_valid & (jnp.arange(candidates) <= last_probe[:, None])  # [s, C]
   rtt = 2 * network.transfer_seconds(sample[:, None], cand, 0)  # [s, C]
   seconds = jnp.sum(jnp.where(probed, jnp.where(responsive, rtt, ping_timeout), 0.0), axis=1)
