@@ -35,6 +35,9 @@ class DataConfig(Component):
   alpha: float = option(0.5, 'Dirichlet concentration of the label skew (small: skewed).',
                         low=0, low_open=True, hint='(small: label skew; large: near IID)')
   shards_per_node: int = option(2, 'Label shards per node (--partition=shards).', low=1)
+  local_test_fraction: float = option(0.0, "Fraction of each node's samples held out as its "
+                                      'local test set (rows add local_accuracy; 0: none).',
+                                      low=0, high=1, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +110,9 @@ class RunConfig(Component):
                        low=1, high=2 ** 31 - 1)
   eval_every: int = option(20, 'Rounds per jit-compiled chunk between evaluations (a '
                            'shorter last chunk ends at --rounds).', low=1)
-  eval_nodes: int = option(0, 'Protocols whose nodes hold their own models (D-PSGD, gossip): '
-                           'nodes whose models are evaluated; accuracy is their mean (0: all '
-                           'nodes; k: a fixed random subset of k).', low=0,
+  eval_nodes: int = option(0, 'Nodes evaluated: for protocols whose nodes hold their own '
+                           'models (D-PSGD, gossip) accuracy is their mean; local_accuracy '
+                           'uses them too (0: all nodes; k: a fixed random subset of k).', low=0,
                            hint='(0: all nodes)')
   target_accuracy: float = option(0.8, 'Accuracy for *_to_target in summary.json.', low=0,
                                   high=1)

@@ -91,17 +91,21 @@ class Experiment:
 
 
 def load_data(c: ExperimentConfig, dataset: sources.ArrayDataset | None = None
-              ) -> tuple[sources.ArrayDataset, NodeData]:
-  """``--dataset`` (or the given arrays) split over the nodes by ``--partition``."""
+              ) -> tuple[sources.ArrayDataset, NodeData, partition_lib.Partition | None]:
+  """``--dataset`` (or the given arrays) split over the nodes by ``--partition``; with
+  ``--local_test_fraction`` also each node's held-out local test samples (else None)."""
   if dataset is None:
     dataset = sources.load_dataset(c.dataset, data_dir=c.data_dir, num_samples=c.num_samples,
                                    seed=c.seed, nodes=c.nodes)
   part = partition_lib.make_partition(c.partition, dataset.y_train, c.nodes, seed=c.seed,
                                       alpha=c.alpha, shards_per_node=c.shards_per_node,
                                       groups=dataset.groups)
+  local_test = None
+  if c.local_test_fraction > 0:
+    part, local_test = partition_lib.hold_out(part, c.local_test_fraction, c.seed)
   data = NodeData(x=jnp.asarray(dataset.x_train), y=jnp.asarray(dataset.y_train),
                   idx=part.idx, sizes=part.sizes)
-  return dataset, data
+  return dataset, data, local_test
 
 
 def node_chunk(c: ExperimentConfig, cpu_default: int) -> int:
@@ -177,17 +181,20 @@ def eval_node_ids(c: ExperimentConfig) -> np.ndarray | None:
 
 
 def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax.Array,
-                  y_test: jax.Array) -> simulate.EvaluateFn:
+                  y_test: jax.Array, data: NodeData | None = None,
+                  local_test: partition_lib.Partition | None = None) -> simulate.EvaluateFn:
   """The row's evaluation (README, "Metrics").
 
   A protocol that delivers one model (FedAvg, MoDeST) is scored on it. For one
   whose nodes hold their own models (``protocol.node_models``: D-PSGD, gossip)
   ``accuracy`` and ``loss`` are the means over the evaluated nodes' own models
   (``eval_node_ids``), with the accuracy's quantiles over nodes; the node-average
-  model, which no node holds, is ``consensus_accuracy`` / ``consensus_loss``.
+  model, which no node holds, is ``consensus_accuracy`` / ``consensus_loss``. With
+  held-out ``local_test`` samples of the training ``data``, ``local_accuracy`` too.
   """
   evaluate_model = metrics_lib.make_evaluate(apply_fn)
   ids = eval_node_ids(c)
+  local = local_evaluate(c, protocol, evaluate_model, data, local_test)
 
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
@@ -204,9 +211,32 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
     out.update(metrics_lib.weight_variance(models))
     if protocol.extra_metrics:
       out.update(protocol.extra_metrics(state))
+    if local is not None:
+      out.update(local(state))
     return out
 
   return evaluate
+
+
+def local_evaluate(c: ExperimentConfig, protocol: Protocol, evaluate_model, data: NodeData,
+                   local_test: partition_lib.Partition | None):
+  """``state -> local_accuracy and its quantiles``: each evaluated node (``eval_node_ids``)
+  that holds local test samples scores the model it holds (its own, or the delivered
+  one) on them; None without ``--local_test_fraction``."""
+  if local_test is None:
+    return None
+  ids = eval_node_ids(c)
+  ids = np.arange(c.nodes) if ids is None else ids
+  ids = jnp.asarray(ids[np.asarray(local_test.sizes)[ids] > 0])  # [k] nodes with test samples
+  idx, sizes = local_test.idx[ids], local_test.sizes[ids]  # [k, T], [k]
+
+  def local(state):
+    nodes = protocol.node_models(state) if protocol.node_models else None
+    models = None if nodes is None else jax.tree.map(lambda p: p[ids], nodes)
+    return metrics_lib.local_accuracy(evaluate_model, models, protocol.model(state), data.x,
+                                      data.y, idx, sizes)
+
+  return local
 
 
 def _memory_limit() -> int:
@@ -239,13 +269,13 @@ def build(c: ExperimentConfig, *, dataset: sources.ArrayDataset | None = None,
   replaces ``--model``; see docs/extending.md.
   """
   validate(c)
-  dataset, data = load_data(c, dataset)
+  dataset, data, local_test = load_data(c, dataset)
   learner, apply_fn = make_learner(c, dataset, module=module)
   check_feasible(c, learner, data)
   protocol = make_protocol(c, learner,
                            lambda transform: make_learner(c, dataset, transform, module)[0])
   evaluate = make_evaluate(c, protocol, apply_fn, jnp.asarray(dataset.x_test),
-                           jnp.asarray(dataset.y_test))
+                           jnp.asarray(dataset.y_test), data, local_test)
   return Experiment(c, protocol, learner, data, evaluate, dataset, apply_fn)
 
 

@@ -33,19 +33,23 @@ def make_loss_fn(apply_fn: ApplyFn):
 
 
 def make_evaluate(apply_fn: ApplyFn, batch_size: int = 1000):
-  """``evaluate(params, x, y) -> (accuracy, loss)`` over a whole test set, in batches.
+  """``evaluate(params, x, y, valid=None) -> (accuracy, loss)`` over a whole test set,
+  in batches; with ``valid [M]`` only those samples count.
 
   The test set is padded to a multiple of ``batch_size`` and padded rows are
   masked, so memory is bounded by one batch whatever the test set's size.
   """
 
-  def evaluate(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def evaluate(params: Params, x: jax.Array, y: jax.Array,
+               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     m = x.shape[0]
     b = min(batch_size, m)
     pad = (-m) % b
     xb = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, b, *x.shape[1:])
     yb = jnp.pad(y, (0, pad)).reshape(-1, b)
-    mask = (jnp.arange(m + pad) < m).reshape(-1, b)
+    valid = jnp.ones((m,), bool) if valid is None else valid
+    mask = jnp.pad(valid, (0, pad)).reshape(-1, b)
+    m = jnp.maximum(jnp.sum(valid), 1)
 
     def one_batch(args):
       xs, ys, ms = args
@@ -68,9 +72,29 @@ def node_accuracy(evaluate: Callable, stacked: Stacked, x: jax.Array, y: jax.Arr
   """Each node's own model on the test set (leaves ``[k, ...]``), ``batch_size`` at a time:
   ``accuracy`` and ``loss`` (means over nodes) and the accuracy's quantiles over nodes."""
   acc, loss = jax.lax.map(lambda p: evaluate(p, x, y), stacked, batch_size=batch_size)  # [k]
-  return {'accuracy': jnp.mean(acc), 'loss': jnp.mean(loss), 'accuracy_min': jnp.min(acc),
-          'accuracy_p10': jnp.quantile(acc, 0.1), 'accuracy_median': jnp.median(acc),
-          'accuracy_max': jnp.max(acc)}
+  return {**_spread('accuracy', acc), 'loss': jnp.mean(loss)}
+
+
+def _spread(prefix: str, values: jax.Array) -> dict[str, jax.Array]:
+  """Mean and quantiles over nodes of ``values [k]``, keys ``prefix``, ``prefix_min``, ..."""
+  return {prefix: jnp.mean(values), f'{prefix}_min': jnp.min(values),
+          f'{prefix}_p10': jnp.quantile(values, 0.1), f'{prefix}_median': jnp.median(values),
+          f'{prefix}_max': jnp.max(values)}
+
+
+def local_accuracy(evaluate: Callable, models: Stacked | None, model: Params | None,
+                   x: jax.Array, y: jax.Array, idx: jax.Array, sizes: jax.Array,
+                   batch_size: int = NODE_EVAL_BATCH) -> dict[str, jax.Array]:
+  """Each node on its own held-out samples ``x[idx[i, :sizes[i]]]`` (``idx [k, T]``),
+  scored with its own model (``models``, leaves ``[k, ...]``) or the one delivered
+  ``model``: ``local_accuracy`` (mean over nodes) and its quantiles over nodes."""
+  def one(args):
+    params, row, size = args
+    params = model if params is None else params
+    return evaluate(params, x[row], y[row], jnp.arange(row.shape[0]) < size)[0]
+
+  acc = jax.lax.map(one, (models, idx, sizes), batch_size=batch_size)  # [k]
+  return _spread('local_accuracy', acc)
 
 
 def consensus_distance(stacked: Stacked) -> jax.Array:

@@ -5,7 +5,7 @@ stdout and a PNG plot; each run's own files go into ``DIR/<label>/``.
 """
 
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from decsim import rundir, studies, xla_cache
 from launch import cli
@@ -26,6 +26,7 @@ def main(argv) -> None:
     run = studies.get_study(FLAGS.study)
   except ValueError as e:
     fail(str(e))
+  logging.set_verbosity(logging.ERROR)  # library INFO lines (jax's cache, tfds) are noise here
   with cli.one_line_errors(PROG):
     out = rundir.check_path(FLAGS.out)
     cli.check_backend(PROG)

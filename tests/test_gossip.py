@@ -30,7 +30,7 @@ def _setup(nodes: int):
   """Data and a logistic learner with learning rate 0: training leaves models as merged."""
   c = ExperimentConfig(protocol='gossip', init='independent', topology='complete',
                        num_samples=400, nodes=nodes, model='logistic', partition='iid')
-  dataset, data = experiment.load_data(c)
+  dataset, data, _ = experiment.load_data(c)
   learner, apply_fn = experiment.make_learner(c, dataset)
   tx = optax.sgd(0.0)
   update = make_local_update(metrics.make_loss_fn(apply_fn), tx, 1, BATCH)

@@ -72,3 +72,41 @@ def test_fedavg_scores_its_delivered_model_and_summary_uses_accuracy(tiny_config
   assert summary['rounds_to_target'] == (hit['round'] if hit else None)
   assert summary['final_accuracy'] == rows[-1]['accuracy']
   assert summary['final_consensus_accuracy'] == rows[-1]['consensus_accuracy']
+
+
+def test_hold_out_splits_each_node_into_disjoint_train_and_local_test():
+  from decsim.data import partition as P
+  rng = np.random.default_rng(0)
+  part = P.from_lists([rng.choice(1000, n, replace=False) for n in (10, 1, 7, 0, 33)])
+  train, test = P.hold_out(part, 0.3, seed=4)
+  for whole, a, b in zip(P.to_lists(part), P.to_lists(train), P.to_lists(test)):
+    assert sorted([*a, *b]) == sorted(whole) and not set(a) & set(b)
+    assert len(b) == min(int(0.3 * len(whole)), max(len(whole) - 1, 0))
+  assert [len(b) for b in P.to_lists(test)] == [3, 0, 2, 0, 9]
+
+
+@pytest.mark.parametrize('protocol', ['dpsgd', 'fedavg'])
+def test_local_accuracy_scores_the_model_each_node_holds_on_its_own_held_out_samples(
+    tiny_config, protocol):
+  config = dataclasses.replace(tiny_config, protocol=protocol, nodes=8, degree=2, sample_size=4,
+                               init='independent' if protocol == 'dpsgd' else 'shared',
+                               local_test_fraction=0.25, eval_nodes=0)
+  exp, state = _after_rounds(config)
+  _, _, local = experiment.load_data(config)
+  row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
+  evaluate = jax.jit(metrics.make_evaluate(exp.apply_fn))
+  x, y = np.asarray(exp.data.x), np.asarray(exp.data.y)
+  own = []
+  for n, held in enumerate(P_lists(local)):
+    params = (jax.tree.map(lambda p: p[n], state.nodes.params) if protocol == 'dpsgd'
+              else exp.protocol.model(state))
+    own.append(float(evaluate(params, x[held], y[held])[0]))
+    assert not set(held) & set(np.asarray(exp.data.idx)[n, :int(exp.data.sizes[n])])
+  assert row['local_accuracy'] == pytest.approx(np.mean(own), abs=1e-6)
+  assert row['local_accuracy_min'] == pytest.approx(min(own), abs=1e-6)
+  assert row['local_accuracy_median'] == pytest.approx(np.median(own), abs=1e-6)
+
+
+def P_lists(part):
+  from decsim.data import partition as P
+  return P.to_lists(part)

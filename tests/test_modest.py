@@ -17,7 +17,7 @@ from decsim.protocols.modest import hash_ranking, modest
 def setup():
   config = experiment.ExperimentConfig(num_samples=2000, nodes=12, model='logistic',
                                        local_steps=2, batch_size=10, momentum=0.0, lr=0.1)
-  dataset, data = experiment.load_data(config)
+  dataset, data, _ = experiment.load_data(config)
   learner, _ = experiment.make_learner(config, dataset)
   return learner, data
 

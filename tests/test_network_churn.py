@@ -43,7 +43,7 @@ def test_globe_latency_has_a_realistic_spread():
 def learner3():
   config = experiment.ExperimentConfig(num_samples=1000, nodes=3, sample_size=3, model='logistic',
                                        local_steps=2, batch_size=10)
-  dataset, data = experiment.load_data(config)
+  dataset, data, _ = experiment.load_data(config)
   learner, _ = experiment.make_learner(config, dataset)
   return learner, data
 

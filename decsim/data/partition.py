@@ -64,6 +64,19 @@ def to_lists(partition: Partition) -> list[np.ndarray]:
   return [idx[n, :sizes[n]] for n in range(len(sizes))]
 
 
+def hold_out(partition: Partition, fraction: float, seed: int) -> tuple[Partition, Partition]:
+  """Each node's samples split at random into (train, local test): ``floor(fraction *
+  size)`` test samples, at most ``size - 1`` so every node keeps one to train on."""
+  rng = np.random.default_rng([seed, 0x7E57])
+  train, test = [], []
+  for row in to_lists(partition):
+    row = row[rng.permutation(len(row))]
+    count = min(int(fraction * len(row)), max(len(row) - 1, 0))
+    train.append(row[:len(row) - count])
+    test.append(row[len(row) - count:])
+  return from_lists(train), from_lists(test)
+
+
 def iid(num_samples: int, nodes: int, rng) -> Partition:
   """Uniformly random, equal-sized (within one sample) shares."""
   _check_nodes(num_samples, nodes)
