@@ -18,6 +18,8 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from decsim.errors import ConfigError
+
 MAX_BYTES = 4 * 2 ** 30
 MIN_COMPILE_SECONDS = 0.1  # smaller programs compile faster than they load
 
@@ -37,7 +39,11 @@ def enable(directory: str) -> str | None:
     jax.config.update('jax_enable_compilation_cache', False)
     return None
   path = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--compilation_cache={directory} cannot be made ({e.strerror}): pass a '
+                      'writable directory, or an empty value to turn the cache off') from None
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)

@@ -158,5 +158,9 @@ def test_compilation_cache_flag_points_jax_at_its_directory_and_empty_turns_it_o
     assert xla_cache.enable('') is None and not jax.config.jax_enable_compilation_cache
     jax.jit(off).lower(jnp.ones(9)).compile()
     assert not any(n.startswith('jit_off-') for n in names())
+    (tmp_path / 'file').write_text('not a directory')
+    from decsim.errors import ConfigError
+    with pytest.raises(ConfigError, match='--compilation_cache=.*cannot be made'):
+      xla_cache.enable(str(tmp_path / 'file' / 'xla'))
   finally:
     xla_cache.enable(session or '')
