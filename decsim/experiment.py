@@ -30,7 +30,7 @@ from decsim.configs import (MAX_LOCAL_STEPS, DataConfig, ModelConfig, RunConfig,
 from decsim.data import partition as partition_lib
 from decsim.data import sources
 from decsim.data.sampler import NodeData
-from decsim.errors import ConfigError
+from decsim.errors import ConfigError  # noqa: F401 - part of this module's API (tests, users)
 from decsim.local import make_local_update, make_optimizer
 from decsim.models import ModelSpec, build_model
 from decsim.protocols import registry
@@ -194,7 +194,7 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   """
   evaluate_model = metrics_lib.make_evaluate(apply_fn)
   ids = eval_node_ids(c)
-  local = local_evaluate(c, protocol, evaluate_model, data, local_test)
+  local = local_evaluate(c, protocol, evaluate_model, data, local_test, ids)
 
   def evaluate(state) -> dict[str, jax.Array]:
     accuracy, loss = evaluate_model(protocol.model(state), x_test, y_test)
@@ -219,13 +219,12 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
 
 
 def local_evaluate(c: ExperimentConfig, protocol: Protocol, evaluate_model, data: NodeData,
-                   local_test: partition_lib.Partition | None):
-  """``state -> local_accuracy and its quantiles``: each evaluated node (``eval_node_ids``)
-  that holds local test samples scores the model it holds (its own, or the delivered
-  one) on them; None without ``--local_test_fraction``."""
+                   local_test: partition_lib.Partition | None, ids: np.ndarray | None):
+  """``state -> local_accuracy and its quantiles``: each evaluated node (``ids``; None:
+  all) that holds local test samples scores the model it holds (its own, or the
+  delivered one) on them; None without ``--local_test_fraction``."""
   if local_test is None:
     return None
-  ids = eval_node_ids(c)
   ids = np.arange(c.nodes) if ids is None else ids
   ids = jnp.asarray(ids[np.asarray(local_test.sizes)[ids] > 0])  # [k] nodes with test samples
   idx, sizes = local_test.idx[ids], local_test.sizes[ids]  # [k, T], [k]
@@ -309,31 +308,21 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
   has a first finite evaluation (``decsim.rundir``); nothing is written before ``c``
   is valid, the data is loaded and the round has compiled.
   """
-  if out_dir is None and (c.resume or c.checkpoint_every):
-    raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
   validate(c)
-  with interrupts.deferred():
-    return _run_in(rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None, c, log,
-                   dict(dataset=dataset, module=module))
+  with interrupts.deferred(), rundir.opened(out_dir, dataclasses.asdict(c)) as run_dir:
+    return _run_in(run_dir, c, log, dict(dataset=dataset, module=module))
 
 
 def _run_in(run_dir: rundir.RunDirectory | None, c: ExperimentConfig, log,
             parts: dict[str, Any]) -> dict[str, Any]:
-  try:
-    if c.resume:
-      rundir.check_resume(run_dir.path, dataclasses.asdict(c))
-    exp = build(c, **parts)
-    summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
-                           rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
-                           run_dir=run_dir,
-                           checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
-                           mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
-                           files={'config.json': dataclasses.asdict(c)})
-    if run_dir is not None:
-      from decsim import plotting  # matplotlib only when writing a run directory
-      plotting.plot_accuracy(run_dir.path)
-    return summary
-  finally:
-    if run_dir is not None:
-      run_dir.discard()
-      run_dir.release()
+  exp = build(c, **parts)
+  summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
+                         rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
+                         run_dir=run_dir,
+                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
+                         mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
+                         files={'config.json': dataclasses.asdict(c)})
+  if run_dir is not None:
+    from decsim import plotting  # matplotlib only when writing a run directory
+    plotting.plot_accuracy(run_dir.path)
+  return summary

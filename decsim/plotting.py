@@ -10,7 +10,6 @@ protocols whose nodes hold their own models, the spread over nodes.
 """
 
 import json
-import math
 import pathlib
 
 import matplotlib
@@ -50,14 +49,8 @@ def mean_and_band(rows: list[dict], metric: str) -> tuple[list, list | None, int
   count = rows[0].get('replicas', 1) if rows else 1
   if count < 2 or f'{metric}_replicas' not in rows[0]:
     return y, None, 1
-  import numpy as np
-  import scipy.stats
-  t = float(scipy.stats.t.ppf(0.975, count - 1))
-  band = []
-  for r in rows:
-    values = np.asarray([v for v in r[f'{metric}_replicas'] if v is not None], float)
-    half = t * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    band.append((values.mean() - half, values.mean() + half))
+  from decsim.report import t_interval
+  band = [t_interval([v for v in r[f'{metric}_replicas'] if v is not None]) for r in rows]
   return y, band, count
 
 

@@ -110,11 +110,19 @@ def _combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _spread(key: str, values: list[float]) -> dict[str, Any]:
+  return {key: float(np.mean(values)), f'{key}_std': float(np.std(values, ddof=1)),
+          f'{key}_ci95': list(t_interval(values)), f'{key}_replicas': values}
+
+
+def t_interval(values) -> tuple[float, float]:
+  """The 95% Student-t interval of the mean of ``values`` (a point with fewer than two)."""
   import scipy.stats  # only for replicated runs
-  mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
-  half = float(scipy.stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
-  return {key: mean, f'{key}_std': std, f'{key}_ci95': [mean - half, mean + half],
-          f'{key}_replicas': values}
+  values = np.asarray(values, np.float64)
+  mean = float(values.mean())
+  if len(values) < 2:
+    return mean, mean
+  half = float(scipy.stats.t.ppf(0.975, len(values) - 1)) * float(values.std(ddof=1))
+  return mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))
 
 
 # --- the learning protocols on the simulated network ------------------------------------------

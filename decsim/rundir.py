@@ -19,6 +19,7 @@ mix, never emptied. How:
   the old run back before it does anything else.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -173,3 +174,24 @@ def check_resume(out: pathlib.Path, config: dict[str, Any]) -> None:
     raise ConfigError(f'--resume with settings that differ from {path}: '
                       f'{", ".join(f"--{k}" for k in changed)}; resume with the same flags or '
                       'use a new --out')
+
+
+@contextlib.contextmanager
+def opened(out_dir: str | pathlib.Path | None, config: dict[str, Any]):
+  """The locked ``RunDirectory`` of a run whose configuration (as a dict, with ``resume``
+  and ``checkpoint_every``) is ``config``, or None without ``out_dir``. ``--resume`` is
+  checked against the directory's config.json; the staging is discarded and the lock
+  released when the block ends."""
+  if out_dir is None:
+    if config.get('resume') or config.get('checkpoint_every'):
+      raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
+    yield None
+    return
+  run_dir = RunDirectory(out_dir, bool(config.get('resume')))
+  try:
+    if run_dir.resume:
+      check_resume(run_dir.path, config)
+    yield run_dir
+  finally:
+    run_dir.discard()
+    run_dir.release()

@@ -89,6 +89,18 @@ def check_backend(prog: str = 'decsim') -> None:
          prog)
 
 
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
+
+
+def print_help_if_asked(argv: list[str], doc: str, flag_values: flags.FlagValues) -> bool:
+  """Prints ``doc`` and the grouped flags when ``argv`` asks for help (launchers with their
+  own ``FlagValues``, which absl's help flags do not reach); returns whether it did."""
+  if not any(arg in HELP_FLAGS for arg in argv[1:]):
+    return False
+  print(doc.strip() + '\n\nFlags (grouped):\n' + flag_values.get_help())
+  return True
+
+
 def flags_parser(flag_values: flags.FlagValues, help_command: str,
                  prog: str = 'decsim') -> Callable[[list[str]], list[str]]:
   """Parses argv into ``flag_values``; a flag error becomes one line instead of absl's FATAL."""

@@ -37,12 +37,10 @@ flags.DEFINE_enum('style', 'default', ['default', 'paper'], 'paper: one-column p
                   'markers, 300 dpi.', flag_values=FLAGS)
 flags.DEFINE_multi_enum('formats', ['png', 'svg'], ['png', 'svg', 'pdf'], 'Files to write.',
                         flag_values=FLAGS)
-HELP = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 
 def main(argv: list[str]) -> None:
-  if any(arg in HELP for arg in argv[1:]):
-    print(__doc__.strip() + '\n\nFlags:\n' + FLAGS.get_help())
+  if cli.print_help_if_asked(argv, __doc__, FLAGS):
     return
   FLAGS.unparse_flags()  # main may run more than once in a process (tests, notebooks)
   try:

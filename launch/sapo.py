@@ -67,12 +67,10 @@ def _run(config: SapoRunConfig) -> None:
 
 
 parse_flags = flags_parser(FLAGS, 'python -m launch.sapo')
-HELP = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 
 def run_main(argv: list[str]) -> None:
-  if any(arg in HELP for arg in argv[1:]):  # own FlagValues: absl's help flags are not on them
-    print(__doc__.strip() + '\n\nFlags (grouped):\n' + FLAGS.get_help())
+  if cli.print_help_if_asked(argv, __doc__, FLAGS):
     return
   main(parse_flags(argv))
 

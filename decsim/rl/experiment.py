@@ -165,18 +165,8 @@ def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, 
   ``--checkpoint_every`` and ``--resume`` work as they do there.
   """
   validate(c)
-  if out_dir is None and (c.resume or c.checkpoint_every):
-    raise ConfigError('--resume and --checkpoint_every need an output directory (--out)')
-  with interrupts.deferred():
-    run_dir = rundir.RunDirectory(out_dir, c.resume) if out_dir is not None else None
-    try:
-      if c.resume:
-        rundir.check_resume(run_dir.path, dataclasses.asdict(c))
-      return _run_in(run_dir, c, log, cache_dir)
-    finally:
-      if run_dir is not None:
-        run_dir.discard()
-        run_dir.release()
+  with interrupts.deferred(), rundir.opened(out_dir, dataclasses.asdict(c)) as run_dir:
+    return _run_in(run_dir, c, log, cache_dir)
 
 
 def _run_in(run_dir, c: SapoRunConfig, log, cache_dir) -> dict[str, Any]:
@@ -214,23 +204,23 @@ def _fields(iterations: int, state: sapo_lib.SapoState, metrics: sapo_lib.SapoMe
   """The round count and the chunk's metrics (leaves ``[rounds, ...]``); node-steps =
   GRPO steps of the online nodes."""
   return {'round': state.round, 'node_steps': metrics.active_nodes.sum(-1) * iterations,
-          'metrics': {f.name: getattr(metrics, f.name) for f in dataclasses.fields(metrics)}}
+          'metrics': metrics}
 
 
 def _rows(fields: dict[str, Any]) -> list[dict[str, Any]]:
   m = fields['metrics']
-  count = len(m['reward'])
+  count = len(m.reward)
   first = int(fields['round']) - count + 1
   return [_row(first + k, m, k) for k in range(count)]
 
 
-def _row(round_: int, m: dict[str, np.ndarray], k: int) -> dict[str, Any]:
-  nr = m['node_reward'][k]  # [N]
-  return {'round': round_, 'reward': float(m['reward'][k]), 'exact': float(m['exact'][k]),
+def _row(round_: int, m: sapo_lib.SapoMetrics, k: int) -> dict[str, Any]:
+  nr = m.node_reward[k]  # [N]
+  return {'round': round_, 'reward': float(m.reward[k]), 'exact': float(m.exact[k]),
           'node_reward_min': float(nr.min()), 'node_reward_max': float(nr.max()),
-          'loss': float(m['loss'][k]), 'external_groups': float(m['external_groups'][k]),
-          'signal_fraction': float(m['signal_fraction'][k]),
-          'bytes_shared': int(m['bytes_shared'][k]), 'active_nodes': int(m['active_nodes'][k])}
+          'loss': float(m.loss[k]), 'external_groups': float(m.external_groups[k]),
+          'signal_fraction': float(m.signal_fraction[k]),
+          'bytes_shared': int(m.bytes_shared[k]), 'active_nodes': int(m.active_nodes[k])}
 
 
 def _problem(rows: list[dict[str, Any]], node_steps: int, fields) -> Exception | None:
