@@ -46,6 +46,9 @@ class Report(NamedTuple):
   summarize: Callable[[list[Row]], dict[str, Any]]
   # The family's part of the progress line printed after a chunk.
   line: Callable[[list[Row]], str]
+  # Whether a run starts with a row at round 0 (the initial models evaluated):
+  # ``fields`` is then also called with ``metrics=None``, before any round.
+  round_zero: bool = False
 
 
 def chunk_rows(report: Report, fields: dict[str, Any], replicated: bool) -> list[Row]:
@@ -138,13 +141,18 @@ def network_report(message_bytes: tuple[int, ...], target_accuracy: float | None
   return Report(fields=_network_fields, rows=functools.partial(_network_row, message_bytes),
                 problem=_network_problem,
                 summarize=functools.partial(network_summary, target_accuracy=target_accuracy),
-                line=_network_line)
+                line=_network_line, round_zero=True)
 
 
 def _network_fields(state, metrics, evals: dict[str, jax.Array]) -> dict[str, Any]:
+  """The row's values; ``metrics`` None at round 0 (no training loss, no steps yet)."""
+  if metrics is None:
+    train_loss, node_steps = jnp.full(jnp.shape(state.round), jnp.nan), jnp.zeros_like(state.round)
+  else:
+    train_loss = jnp.mean(metrics.train_loss, axis=-1)
+    node_steps = jnp.sum(metrics.node_steps, axis=-1)
   return {'round': state.round, 'sim_seconds': state.clock, 'sent': _sent_by_kind(state.sent),
-          'train_loss': jnp.mean(metrics.train_loss, axis=-1),
-          'node_steps': jnp.sum(metrics.node_steps, axis=-1),
+          'train_loss': train_loss, 'node_steps': node_steps,
           'online': _any_online(state.available),
           'evals': evals}
 

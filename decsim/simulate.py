@@ -8,6 +8,7 @@ protocol family (learning on the simulated network, SAPO's swarm RL): a
 ``decsim.report.Report`` says what a family's rows and summary hold.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 from jax.sharding import Mesh
 
 from decsim import interrupts, rundir, sharding
@@ -143,15 +145,21 @@ def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, che
     evaluate = jax.jit(jax.vmap(evaluate) if replicated else evaluate)
     evaluate.lower(state).compile()
     progress.compile_seconds = time.perf_counter() - t0
-    for length in chunk_lengths(int(np.max(state.round)), rounds, eval_every):
-      if length not in chunks:
-        t0 = time.perf_counter()
-        chunks[length] = compile_chunk(protocol, state, data, length, mesh, replicated)
-        progress.compile_seconds += time.perf_counter() - t0
-        stop_if_requested('while compiling')
-      state, rows = _one_chunk(chunks[length], evaluate, state, data, report, progress, writer)
-      log(_progress_line(report.line(rows), rows[-1]['round'], rounds, progress.run_seconds))
-      stop_if_requested(f'at round {progress.rows[-1]["round"]}')
+    done = int(np.max(state.round))
+    with _bar(rounds, done, log) as (bar, say):
+      if report.round_zero and not progress.rows:
+        initial = _round_zero(evaluate, state, report, progress, writer)
+        say(f'round {0:>6}/{rounds}  {report.line(initial)}')
+      for length in chunk_lengths(done, rounds, eval_every):
+        if length not in chunks:
+          t0 = time.perf_counter()
+          chunks[length] = compile_chunk(protocol, state, data, length, mesh, replicated)
+          progress.compile_seconds += time.perf_counter() - t0
+          stop_if_requested('while compiling')
+        state, rows = _one_chunk(chunks[length], evaluate, state, data, report, progress, writer)
+        bar.update(length)
+        say(_progress_line(report.line(rows), rows[-1]['round'], rounds, progress.run_seconds))
+        stop_if_requested(f'at round {progress.rows[-1]["round"]}')
   except BaseException as e:
     progress.status, progress.error = ending(e)
     writer.finish(_summary(progress, report, mesh))
@@ -197,15 +205,31 @@ def _one_chunk(chunk, evaluate, state, data, report: Report, progress: _Progress
   return state, rows
 
 
+def _round_zero(evaluate, state, report: Report, progress: _Progress, writer) -> list:
+  """The rows of the initial models, before any round; they do not promote the run's
+  files (a run proves itself with its first trained evaluation)."""
+  fields = jax.tree.map(np.asarray, report.fields(state, None, evaluate(state)))
+  rows = chunk_rows(report, fields, replicated=np.ndim(fields['round']) > 0)
+  progress.rows += rows
+  for row in rows:
+    writer.append(row, finite=False)
+  return rows
+
+
+@contextlib.contextmanager
+def _bar(rounds: int, done: int, log: Callable[[str], None]):
+  """``(bar, say)``: a tqdm bar over rounds on a terminal's stderr (disabled in logs and
+  pipes), and ``say`` that logs a line above the bar rather than through it."""
+  with tqdm.tqdm(total=rounds, initial=done, unit='round', leave=False, dynamic_ncols=True,
+                 disable=not sys.stderr.isatty()) as bar:
+    yield bar, (log if bar.disable or log is not print else bar.write)
+
+
 def _progress_line(text: str, round_: int, rounds: int, run_seconds: float) -> str:
   """``text`` (the family's part) between the round and the speed of the run."""
   rate = round_ / max(run_seconds, 1e-9)
   eta = (rounds - round_) / max(rate, 1e-9)
-  bar = ''
-  if sys.stdout.isatty():  # a bar for people watching; plain lines in logs and pipes
-    done = round(20 * round_ / rounds)
-    bar = f'[{"#" * done}{"." * (20 - done)}] '
-  return f'{bar}round {round_:>6}/{rounds}  {text}  {rate:7.1f} rounds/s  eta {eta:6.1f}s'
+  return f'round {round_:>6}/{rounds}  {text}  {rate:7.1f} rounds/s  eta {eta:6.1f}s'
 
 
 def stop_if_requested(where: str) -> None:

@@ -111,8 +111,11 @@ def test_run_writes_outputs_and_table(tmp_path):
   assert proc.returncode == 0, proc.stderr
   run = tmp_path / 'run'
   rows = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['round'] for r in rows] == [2, 4]
+  assert [r['round'] for r in rows] == [0, 2, 4]  # the initial model, then every eval_every
   assert {'round', 'accuracy', 'loss', 'sim_seconds', 'bytes_total'} <= set(rows[0])
+  initial = rows[0]  # nothing trained, sent or simulated yet; the model is scored
+  assert (initial['sim_seconds'], initial['bytes_total'], initial['node_steps']) == (0.0, 0, 0)
+  assert initial['train_loss'] is None and 0 < initial['accuracy'] < 0.5
   summary = json.loads((run / 'summary.json').read_text())
   for key in ('final_accuracy', 'best_accuracy', 'rounds', 'rounds_to_target', 'seconds_to_target',
               'bytes_to_target', 'wall_seconds', 'compile_seconds', 'node_steps_per_second'):
@@ -131,7 +134,7 @@ def test_divergence_stops_with_one_line_and_keeps_metrics(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and 'diverged by round 2' in lines[0] and '--lr' in lines[0]
   rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  assert rows[0]['round'] == 2 and rows[0]['loss'] is None  # strict JSON: null, not NaN
+  assert rows[1]['round'] == 2 and rows[1]['loss'] is None  # strict JSON: null, not NaN
   assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['status'] == 'diverged'
 
 

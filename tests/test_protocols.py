@@ -138,7 +138,7 @@ def test_rounds_not_a_multiple_of_eval_every_end_with_a_shorter_chunk(tiny_confi
                  log=lambda _: None)
   read = lambda d: [json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
   three, one = read('three'), {r['round']: r for r in read('one')}
-  assert [r['round'] for r in three] == [3, 6, 7]
+  assert [r['round'] for r in three] == [0, 3, 6, 7]
   for row in three:
     # node_steps and train_loss are per row: since the previous row
     same = {k: row[k] for k in row if k not in ('node_steps', 'train_loss')}
