@@ -1,7 +1,6 @@
 """Checkpoints: kill -9 then --resume reproduces the uninterrupted metrics bitwise; a
 corrupt newest checkpoint falls back to the previous one, in one line."""
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from decsim import experiment
 from decsim.checkpoint import Checkpointer

@@ -10,7 +10,6 @@ import pytest
 
 from decsim import churn, experiment, network
 from decsim.network import MODEL, Network
-from decsim.protocols.base import Learner
 from decsim.protocols.dpsgd import dpsgd
 from decsim.protocols.fedavg import fedavg
 from decsim.topology import build_topology

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom with tiny settings (DECSIM_NOTEBOOK_TINY=1)."""
 
-import os
 import pathlib
 
 import pytest
