@@ -13,7 +13,7 @@ from decsim import mixing
 from decsim.config import Component, check, option
 from decsim.data.sources import DATASETS
 from decsim.models import MODELS
-from decsim.rng import MAX_SEED
+from decsim.rng import MAX_SEED, REPLICA_PARTS
 from decsim.topology import TOPOLOGIES
 
 MAX_LOCAL_STEPS = 100_000  # per node per round: a scan of this length is compiled
@@ -118,8 +118,12 @@ class RunConfig(Component):
                                   high=1)
   seed: int = option(0, 'Seed of data, partition, graph, init and every draw.', low=0,
                      high=MAX_SEED)
-  replicas: int = option(1, 'Run R seeds (seed, seed+1, ...) of this configuration as one '
-                         'vmapped simulation; rows report mean, std, values.', low=1, high=1024)
+  replicas: int = option(1, 'Run R independent replicas: replica i is the run with seed + i '
+                         '(data, graph, network and every draw); rows report mean, std, values.',
+                         low=1, high=1024)
+  replica_fix: str | None = option(None, 'Parts the replicas share, from seed: a comma list of '
+                                   'data, graph, network. With all three the replicas run as '
+                                   'one vmapped simulation; otherwise one after another.')
   checkpoint_every: int = option(0, 'Save an orbax checkpoint every this many rounds into '
                                  'OUT/checkpoints (0: off; a multiple of --eval_every).', low=0)
   resume: bool = option(False, 'Continue the run in --out from its newest readable checkpoint.')
@@ -133,6 +137,20 @@ class RunConfig(Component):
     check(self.seed + self.replicas - 1 <= MAX_SEED,
           f'--seed={self.seed} with --replicas={self.replicas} runs seeds up to '
           f'{self.seed + self.replicas - 1}; seeds must be at most {MAX_SEED}')
+    unknown = set(self.replica_parts) - set(REPLICA_PARTS)
+    check(not unknown, f'--replica_fix={self.replica_fix} names {", ".join(sorted(unknown))}: '
+          f'choose from {", ".join(REPLICA_PARTS)}, comma-separated')
     check(self.replicas == 1 or self.devices == 1,
           f'--replicas={self.replicas} cannot be combined with --devices={self.devices}: run '
           'replicas on one device or shard one replica')
+
+  @property
+  def replica_parts(self) -> tuple[str, ...]:
+    """The parts named by ``--replica_fix``."""
+    return tuple(p.strip() for p in (self.replica_fix or '').split(',') if p.strip())
+
+  @property
+  def replicas_vmapped(self) -> bool:
+    """Replicas that share data, graph and network run as one vmapped simulation."""
+    return self.replicas > 1 and set(REPLICA_PARTS) <= set(self.replica_parts)
+

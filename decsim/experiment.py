@@ -19,7 +19,7 @@ import optax
 from flax import linen as nn
 
 from decsim import churn as churn_lib
-from decsim import interrupts, rundir, sharding, simulate
+from decsim import interrupts, replicas, rundir, sharding, simulate
 from decsim import metrics as metrics_lib
 from decsim import mixing
 from decsim import report as report_lib
@@ -35,6 +35,7 @@ from decsim.local import make_local_update, make_optimizer
 from decsim.models import ModelSpec, build_model
 from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol
+from decsim.rng import Seeds
 
 COMMON = (VarianceConfig, churn_lib.ChurnConfig, network_lib.NetworkConfig, TopologyConfig,
           TrainConfig, ModelConfig, DataConfig, RunConfig)
@@ -90,19 +91,26 @@ class Experiment:
   apply_fn: Any  # (params of one model, x [B, ...]) -> logits [B, classes]
 
 
-def load_data(c: ExperimentConfig, dataset: sources.ArrayDataset | None = None
+def seeds_of(c: ExperimentConfig, seeds: Seeds | None) -> Seeds:
+  """``seeds``, or those of a single run of ``c`` (``--seed`` for every part)."""
+  return Seeds.of(c.seed) if seeds is None else seeds
+
+
+def load_data(c: ExperimentConfig, dataset: sources.ArrayDataset | None = None,
+              seeds: Seeds | None = None
               ) -> tuple[sources.ArrayDataset, NodeData, partition_lib.Partition | None]:
   """``--dataset`` (or the given arrays) split over the nodes by ``--partition``; with
   ``--local_test_fraction`` also each node's held-out local test samples (else None)."""
+  seed = seeds_of(c, seeds).data
   if dataset is None:
     dataset = sources.load_dataset(c.dataset, data_dir=c.data_dir, num_samples=c.num_samples,
-                                   seed=c.seed, nodes=c.nodes)
-  part = partition_lib.make_partition(c.partition, dataset.y_train, c.nodes, seed=c.seed,
+                                   seed=seed, nodes=c.nodes)
+  part = partition_lib.make_partition(c.partition, dataset.y_train, c.nodes, seed=seed,
                                       alpha=c.alpha, shards_per_node=c.shards_per_node,
                                       groups=dataset.groups)
   local_test = None
   if c.local_test_fraction > 0:
-    part, local_test = partition_lib.hold_out(part, c.local_test_fraction, c.seed)
+    part, local_test = partition_lib.hold_out(part, c.local_test_fraction, seed)
   data = NodeData(x=jnp.asarray(dataset.x_train), y=jnp.asarray(dataset.y_train),
                   idx=part.idx, sizes=part.sizes)
   return dataset, data, local_test
@@ -142,8 +150,9 @@ def _sub_config(cls, c: ExperimentConfig):
   return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
 
-def make_network(c: ExperimentConfig) -> network_lib.Network:
-  return network_lib.make_network(_sub_config(network_lib.NetworkConfig, c), c.nodes, c.seed)
+def make_network(c: ExperimentConfig, seeds: Seeds | None = None) -> network_lib.Network:
+  return network_lib.make_network(_sub_config(network_lib.NetworkConfig, c), c.nodes,
+                                  seeds_of(c, seeds).network)
 
 
 def variance_correction(c: ExperimentConfig) -> mixing.VarianceCorrection | None:
@@ -153,16 +162,19 @@ def variance_correction(c: ExperimentConfig) -> mixing.VarianceCorrection | None
                                    epsilon=c.vc_epsilon, ratio=c.vc_ratio, biases=c.vc_biases)
 
 
-def make_protocol(c: ExperimentConfig, learner: Learner, learner_with=None) -> Protocol:
+def make_protocol(c: ExperimentConfig, learner: Learner, learner_with=None,
+                  seeds: Seeds | None = None) -> Protocol:
   """The protocol of ``c`` (from the registry) on its simulated network, wrapped in its
   churn schedule. ``learner_with(transform)`` rebuilds the learner around an optax
   transform for protocols that change local training (FedProx)."""
+  seeds = seeds_of(c, seeds)
   churn = _sub_config(churn_lib.ChurnConfig, c)
-  availability = churn_lib.make_availability(churn, c.nodes, c.seed) if churn.enabled else None
-  ctx = registry.BuildContext(config=c, learner=learner, network=make_network(c),
+  availability = (churn_lib.make_availability(churn, c.nodes, seeds.network) if churn.enabled
+                  else None)
+  ctx = registry.BuildContext(config=c, learner=learner, network=make_network(c, seeds),
                               availability=availability,
                               variance_correction=variance_correction(c),
-                              learner_with=learner_with)
+                              learner_with=learner_with, seeds=seeds)
   protocol = registry.get(c.protocol).build(ctx)
   return churn_lib.with_churn(protocol, availability) if availability else protocol
 
@@ -170,19 +182,21 @@ def make_protocol(c: ExperimentConfig, learner: Learner, learner_with=None) -> P
 EVAL_NODE_SEED = 0x5E1EC7  # stream of the --eval_nodes subset, apart from every other draw
 
 
-def eval_node_ids(c: ExperimentConfig) -> np.ndarray | None:
+def eval_node_ids(c: ExperimentConfig, seeds: Seeds | None = None) -> np.ndarray | None:
   """The nodes whose own models are evaluated: None for all (``--eval_nodes=0`` or at
-  least ``--nodes``), else a fixed random subset of ``eval_nodes`` ids, sorted."""
+  least ``--nodes``), else a fixed random subset of ``eval_nodes`` ids, sorted (drawn
+  with the data's seed)."""
   if c.eval_nodes == 0 or c.eval_nodes >= c.nodes:
     return None
-  ids = np.random.default_rng([c.seed, EVAL_NODE_SEED]).choice(c.nodes, c.eval_nodes,
-                                                              replace=False)
+  rng = np.random.default_rng([seeds_of(c, seeds).data, EVAL_NODE_SEED])
+  ids = rng.choice(c.nodes, c.eval_nodes, replace=False)
   return np.sort(ids).astype(np.int32)
 
 
 def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax.Array,
                   y_test: jax.Array, data: NodeData | None = None,
-                  local_test: partition_lib.Partition | None = None) -> simulate.EvaluateFn:
+                  local_test: partition_lib.Partition | None = None,
+                  seeds: Seeds | None = None) -> simulate.EvaluateFn:
   """The row's evaluation (README, "Metrics").
 
   A protocol that delivers one model (FedAvg, MoDeST) is scored on it. For one
@@ -193,7 +207,7 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
   held-out ``local_test`` samples of the training ``data``, ``local_accuracy`` too.
   """
   evaluate_model = metrics_lib.make_evaluate(apply_fn)
-  ids = eval_node_ids(c)
+  ids = eval_node_ids(c, seeds)
   local = local_evaluate(c, protocol, evaluate_model, data, local_test, ids)
 
   def evaluate(state) -> dict[str, jax.Array]:
@@ -253,35 +267,38 @@ def check_feasible(c: ExperimentConfig, learner: Learner, data: NodeData) -> Non
         f'--local_epochs={c.local_epochs} means {steps} local steps per round for the largest '
         f'node (at most {MAX_LOCAL_STEPS}): lower --local_epochs or raise --batch_size')
   slots = {'sgd': 2, 'adam': 3}[c.optimizer]  # params + momentum (+ second moment)
-  need = c.replicas * c.nodes * learner.model_bytes() * (slots + 1)  # + one transient copy
+  together = c.replicas if c.replicas_vmapped else 1  # replicas in memory at once
+  need = together * c.nodes * learner.model_bytes() * (slots + 1)  # + one transient copy
   limit = _memory_limit()
-  check(need <= limit, f'--nodes={c.nodes} x --replicas={c.replicas} of this --model need about '
+  check(need <= limit, f'--nodes={c.nodes} x {together} replica(s) of this --model need about '
         f'{need / 2 ** 30:.1f} GiB for models and optimiser state, more than the '
         f'{limit / 2 ** 30:.1f} GiB here: lower --nodes, use --param_dtype=bfloat16 or --devices')
 
 
 def build(c: ExperimentConfig, *, dataset: sources.ArrayDataset | None = None,
-          module: nn.Module | None = None) -> Experiment:
+          module: nn.Module | None = None, seeds: Seeds | None = None) -> Experiment:
   """Validates ``c`` and builds its data, learner, protocol and evaluation.
 
   ``dataset`` (your arrays) replaces ``--dataset`` and ``module`` (your flax model)
-  replaces ``--model``; see docs/extending.md.
+  replaces ``--model``; see docs/extending.md. ``seeds`` (default: ``--seed`` for
+  every part) seed the data, graph and network apart (``decsim.rng.Seeds``).
   """
   validate(c)
-  dataset, data, local_test = load_data(c, dataset)
+  dataset, data, local_test = load_data(c, dataset, seeds)
   learner, apply_fn = make_learner(c, dataset, module=module)
   check_feasible(c, learner, data)
   protocol = make_protocol(c, learner,
-                           lambda transform: make_learner(c, dataset, transform, module)[0])
+                           lambda transform: make_learner(c, dataset, transform, module)[0],
+                           seeds)
   evaluate = make_evaluate(c, protocol, apply_fn, jnp.asarray(dataset.x_test),
-                           jnp.asarray(dataset.y_test), data, local_test)
+                           jnp.asarray(dataset.y_test), data, local_test, seeds)
   return Experiment(c, protocol, learner, data, evaluate, dataset, apply_fn)
 
 
 def root_keys(c: ExperimentConfig) -> jax.Array:
-  """The run's root key, or one per replica: replica i draws init, batches, samples and
-  churn from seed + i; data, partition, graph and network come from ``seed`` for all."""
-  if c.replicas == 1:
+  """The run's root key, or with vmapped replicas one per replica: replica i draws
+  init, batches, samples and per-round churn from seed + i."""
+  if not c.replicas_vmapped:
     return jax.random.key(c.seed)
   return jax.vmap(jax.random.key)(c.seed + jnp.arange(c.replicas))
 
@@ -315,14 +332,36 @@ def run(c: ExperimentConfig, out_dir: str | pathlib.Path | None = None, log=prin
 
 def _run_in(run_dir: rundir.RunDirectory | None, c: ExperimentConfig, log,
             parts: dict[str, Any]) -> dict[str, Any]:
-  exp = build(c, **parts)
-  summary = simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
-                         rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
-                         run_dir=run_dir,
-                         checkpoint_every=c.checkpoint_every, resume=c.resume, log=log,
-                         mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
-                         files={'config.json': dataclasses.asdict(c)})
+  if c.replicas > 1 and not c.replicas_vmapped:  # independent replicas, one after another
+    if run_dir is not None:
+      run_dir.write_json('config.json', dataclasses.asdict(c))
+    summary = replicas.run_apart(c.replicas, run_dir, c.rounds,
+                                 lambda i, sub: _run_replica(c, i, sub, log, parts), log)
+  else:
+    summary = _run_one(c, run_dir, log, parts, None, {'config.json': dataclasses.asdict(c)})
   if run_dir is not None:
     from decsim import plotting  # matplotlib only when writing a run directory
     plotting.plot_accuracy(run_dir.path)
   return summary
+
+
+def replica_config(c: ExperimentConfig, i: int) -> tuple[ExperimentConfig, Seeds]:
+  """Replica ``i`` of ``c`` as a single run, and the seeds of its parts."""
+  return (dataclasses.replace(c, seed=c.seed + i, replicas=1, replica_fix=None),
+          Seeds.of(c.seed, i, c.replica_parts))
+
+
+def _run_replica(c: ExperimentConfig, i: int, sub, log, parts: dict[str, Any]) -> dict[str, Any]:
+  one, seeds = replica_config(c, i)
+  files = {'config.json': {**dataclasses.asdict(one), 'replica': i, 'seeds': seeds._asdict()}}
+  return _run_one(one, sub, log, parts, seeds, files)
+
+
+def _run_one(c: ExperimentConfig, run_dir, log, parts: dict[str, Any], seeds: Seeds | None,
+             files: dict[str, Any]) -> dict[str, Any]:
+  exp = build(c, **parts, seeds=seeds)
+  return simulate.run(exp.protocol, exp.data, exp.evaluate, key=root_keys(c),
+                      rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
+                      run_dir=run_dir, checkpoint_every=c.checkpoint_every, resume=c.resume,
+                      log=log, mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
+                      files=files)

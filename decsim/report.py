@@ -94,15 +94,17 @@ def replica_summary(summarize: Callable[[list[Row]], dict[str, Any]],
   ``_ci95`` (95% Student-t interval of the mean) and ``_replicas`` (the values).
   A value some replicas lack (e.g. a target not reached) is None, with its values."""
   per_replica = [summarize(replica_rows(rows, i)) for i in range(rows[0]['replicas'])]
-  return _combine(per_replica)
+  return combine(per_replica)
 
 
-def _combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+  """One summary from the replicas' own: numbers as mean, ``_std``, ``_ci95`` and
+  ``_replicas``; what all share as it is; what differs as None with its values."""
   out = {}
   for key in summaries[0]:
     values = [s[key] for s in summaries]
     if all(isinstance(v, dict) for v in values):
-      out[key] = _combine(values)
+      out[key] = combine(values)
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
       out.update(_spread(key, values))
     elif all(v == values[0] for v in values):

@@ -6,12 +6,33 @@ nodes were sampled, or whether the run was resumed from a checkpoint.
 """
 
 import enum
+from typing import NamedTuple
 
 import jax
 
 from decsim.types import PRNGKey
 
 MAX_SEED = 2 ** 31 - 1  # seeds are int32 (jax.random.key)
+
+REPLICA_PARTS = ('data', 'graph', 'network')  # what --replica_fix may hold fixed
+
+
+class Seeds(NamedTuple):
+  """The seed of each part of a run: ``run`` (the root key: initial models, batches,
+  samples, per-round draws), ``data`` (dataset generation, partition, held-out and
+  evaluated nodes), ``graph`` (topology) and ``network`` (links, compute speeds and
+  the churn schedule). A single run uses ``--seed`` for all; replica i of
+  ``--replicas`` uses seed + i for every part not held fixed by ``--replica_fix``."""
+
+  run: int
+  data: int
+  graph: int
+  network: int
+
+  @classmethod
+  def of(cls, seed: int, replica: int = 0, fixed: tuple[str, ...] = ()) -> 'Seeds':
+    return cls(run=seed + replica, **{part: seed + (0 if part in fixed else replica)
+                                     for part in REPLICA_PARTS})
 
 
 class Stream(enum.IntEnum):

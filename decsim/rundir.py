@@ -150,6 +150,35 @@ class RunDirectory:
       self._lock_file = None
 
 
+class SubDirectory:
+  """A run directory inside another (``OUT/replicas/0``): it is staged, promoted, locked
+  and released with its parent, and has the interface of a ``RunDirectory``."""
+
+  def __init__(self, parent: RunDirectory, name: str):
+    self.parent, self.name = parent, name
+    self.work.mkdir(parents=True, exist_ok=True)
+
+  path = property(lambda self: self.parent.path / self.name)
+  work = property(lambda self: self.parent.work / self.name)
+  resume = property(lambda self: self.parent.resume)
+  promoted = property(lambda self: self.parent.promoted)
+
+  def write_json(self, name: str, value: Any) -> None:
+    atomic_write(self.work / name, json.dumps(value, indent=2) + '\n')
+
+  def nothing_to_lose(self) -> bool:
+    return self.parent.nothing_to_lose()
+
+  def promote(self) -> None:
+    self.parent.promote()
+
+  def discard(self) -> None:
+    """The parent discards its staging, this directory with it."""
+
+  def release(self) -> None:
+    """The parent holds the lock."""
+
+
 RESUMABLE_CHANGES = ('resume', 'checkpoint_every', 'rounds')
 
 

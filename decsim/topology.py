@@ -381,8 +381,9 @@ def check_graph(c) -> None:
           'product; change --degree or --nodes')
 
 
-def from_config(c):
-  """The graph of ``--topology`` (a function of the round for one_peer_exponential)."""
+def from_config(c, seed: int):
+  """The graph of ``--topology`` drawn with ``seed`` (a function of the round for
+  one_peer_exponential)."""
   if c.topology == 'one_peer_exponential':
     return lambda r: one_peer_exponential(c.nodes, r)
-  return build_topology(c.topology, c.nodes, degree=c.degree, p=c.edge_probability, seed=c.seed)
+  return build_topology(c.topology, c.nodes, degree=c.degree, p=c.edge_probability, seed=seed)

@@ -1,19 +1,24 @@
-"""--replicas=R runs R seeds as one vmapped simulation; replica i equals a single run
-whose root key is seed + i (same data, partition and graph)."""
+"""--replicas=R: replica i is the run of seed + i, data, graph and network included
+(one after another), or with --replica_fix=data,graph,network one vmapped simulation
+whose replica i has the root key seed + i and shares the rest."""
 
 import dataclasses
 import json
 
 import jax
 import numpy as np
+import pytest
 
 from decsim import experiment, network, simulate
-from decsim.report import network_report
+from decsim.errors import ConfigError
+from decsim.report import network_report, replica_rows
+from decsim.rng import Seeds
 
 
-def test_replica_rows_match_single_runs(tiny_config, tmp_path):
+def test_vmapped_replica_rows_match_single_runs_of_their_root_keys(tiny_config, tmp_path):
   config = dataclasses.replace(tiny_config, protocol='dpsgd', nodes=10, degree=4, rounds=6,
-                               eval_every=3, replicas=2, seed=5)
+                               eval_every=3, replicas=2, seed=5,
+                               replica_fix='data,graph,network')
   experiment.run(config, out_dir=tmp_path / 'rep', log=lambda _: None)
   rows = [json.loads(l) for l in (tmp_path / 'rep' / 'metrics.jsonl').read_text().splitlines()]
   exp = experiment.build(dataclasses.replace(config, replicas=1))
@@ -43,3 +48,53 @@ def test_replica_rows_match_single_runs(tiny_config, tmp_path):
                              [np.mean(finals) - half, np.mean(finals) + half])
   best = [max(r['accuracy_replicas'][i] for r in rows) for i in range(2)]
   assert summary['best_accuracy_replicas'] == best and summary['rounds'] == 6
+
+
+def _rows(path):
+  return [json.loads(l) for l in (path / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_independent_replica_i_is_the_single_run_of_seed_plus_i(tiny_config, tmp_path):
+  """--replicas=2 --seed=5: replica 1 is the run of --seed=6, its partition and graph
+  included, byte for byte; OUT merges both replicas' rows and summaries."""
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', nodes=10, degree=4, rounds=4,
+                               eval_every=2, replicas=2, seed=5)
+  experiment.run(config, out_dir=tmp_path / 'rep', log=lambda _: None)
+  experiment.run(dataclasses.replace(config, replicas=1, seed=6), out_dir=tmp_path / 'six',
+                 log=lambda _: None)
+  own = (tmp_path / 'rep' / 'replicas' / '1' / 'metrics.jsonl').read_text()
+  assert own == (tmp_path / 'six' / 'metrics.jsonl').read_text()
+  six, merged = _rows(tmp_path / 'six'), _rows(tmp_path / 'rep')
+  assert replica_rows(merged, 1) == [{k: r[k] for k in replica_rows(merged, 1)[0]} for r in six]
+  # the data was drawn again: seed 5 and seed 6 split the samples differently
+  five_idx = experiment.load_data(dataclasses.replace(config, replicas=1))[1].idx
+  six_idx = experiment.load_data(dataclasses.replace(config, replicas=1, seed=6))[1].idx
+  assert not np.array_equal(five_idx, six_idx)
+  summary = json.loads((tmp_path / 'rep' / 'summary.json').read_text())
+  finals = [merged[-1]['accuracy_replicas'][i] for i in range(2)]
+  assert summary['final_accuracy_replicas'] == finals and len(summary['final_accuracy_ci95']) == 2
+  assert summary['status'] == 'completed'
+  saved = json.loads((tmp_path / 'rep' / 'replicas' / '0' / 'config.json').read_text())
+  assert saved['seed'] == 5 and saved['seeds'] == Seeds(5, 5, 5, 5)._asdict()
+
+
+def test_replica_fix_holds_the_named_parts_at_seed(tiny_config, tmp_path):
+  """--replica_fix=data: replica 1 draws its graph, network and run from seed + 1 and
+  its data from seed; a resumed run that already completed runs nothing again."""
+  config = dataclasses.replace(tiny_config, protocol='dpsgd', nodes=10, degree=4, rounds=2,
+                               eval_every=2, replicas=2, seed=5, replica_fix='data')
+  assert experiment.replica_config(config, 1)[1] == Seeds(run=6, data=5, graph=6, network=6)
+  experiment.run(config, out_dir=tmp_path / 'rep', log=lambda _: None)
+  saved = json.loads((tmp_path / 'rep' / 'replicas' / '1' / 'config.json').read_text())
+  assert saved['seeds'] == {'run': 6, 'data': 5, 'graph': 6, 'network': 6}
+  before = (tmp_path / 'rep' / 'metrics.jsonl').read_text()
+  lines = []
+  experiment.run(dataclasses.replace(config, resume=True), out_dir=tmp_path / 'rep',
+                 log=lines.append)
+  assert not any(l.startswith('replica') for l in lines)  # both had completed
+  assert (tmp_path / 'rep' / 'metrics.jsonl').read_text() == before
+
+
+def test_replica_fix_refuses_unknown_parts(tiny_config):
+  with pytest.raises(ConfigError, match=r'--replica_fix=data,seedz names seedz: choose from'):
+    dataclasses.replace(tiny_config, replicas=2, replica_fix='data,seedz')

@@ -113,8 +113,9 @@ def _models_sent_per_node(graph: Topology) -> jax.Array:
 
 def build(ctx: registry.BuildContext) -> Protocol:
   c = ctx.config
-  protocol = dpsgd(ctx.learner, nodes=c.nodes, topology=topology_lib.from_config(c),
-                   mixing_mode=c.mixing, network=ctx.network,
+  graph = topology_lib.from_config(c, ctx.seeds.graph)
+  protocol = dpsgd(ctx.learner, nodes=c.nodes, topology=graph, mixing_mode=c.mixing,
+                   network=ctx.network,
                    variance_correction=ctx.variance_correction)
   return protocol._replace(node_models=lambda state: state.nodes.params)
 

@@ -569,7 +569,7 @@ def build(ctx: registry.BuildContext) -> Protocol:
   check(c.gossip_partitions <= params,
         f'--gossip_partitions={c.gossip_partitions} exceeds the model\'s {params} parameters: '
         'use at most one partition per parameter')
-  graph = None if c.gossip_peers == 'random' else topology_lib.from_config(c)
+  graph = None if c.gossip_peers == 'random' else topology_lib.from_config(c, ctx.seeds.graph)
   protocol = gossip(
       ctx.learner, nodes=c.nodes, topology=graph, delta=c.gossip_delta, wake=c.gossip_wake,
       peers=c.gossip_peers, merge=c.gossip_merge, beta=c.gossip_beta,

@@ -22,6 +22,7 @@ import optax
 
 from decsim.errors import ConfigError
 from decsim.protocols.base import Learner, Protocol
+from decsim.rng import Seeds
 
 ENTRY_POINT_GROUP = 'decsim.protocols'
 
@@ -38,6 +39,8 @@ class BuildContext:
   # The learner with an optax transform chained before the local optimiser (e.g. a
   # proximal term): local training rebuilt around ``optax.chain(transform, tx)``.
   learner_with: Callable[[optax.GradientTransformation], Learner]
+  # The seeds of the run's parts (``decsim.rng.Seeds``): a graph is drawn from ``seeds.graph``.
+  seeds: Seeds
 
 
 @dataclasses.dataclass(frozen=True)
