@@ -199,7 +199,9 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
                   seeds: Seeds | None = None) -> simulate.EvaluateFn:
   """The row's evaluation (README, "Metrics").
 
-  A protocol that delivers one model (FedAvg, MoDeST) is scored on it. For one
+  A protocol that delivers one model (FedAvg, MoDeST) is scored on it, and its
+  clients' models after the last round's local training as ``client_accuracy``
+  with quantiles (``protocol.client_models``). For one
   whose nodes hold their own models (``protocol.node_models``: D-PSGD, gossip)
   ``accuracy`` and ``loss`` are the means over the evaluated nodes' own models
   (``eval_node_ids``), with the accuracy's quantiles over nodes; the node-average
@@ -223,6 +225,9 @@ def make_evaluate(c: ExperimentConfig, protocol: Protocol, apply_fn, x_test: jax
                  consensus_distance=metrics_lib.consensus_distance(nodes))
       models = nodes
     out.update(metrics_lib.weight_variance(models))
+    if protocol.client_models:
+      clients, valid = protocol.client_models(state)
+      out.update(metrics_lib.client_accuracy(evaluate_model, clients, valid, x_test, y_test))
     if protocol.extra_metrics:
       out.update(protocol.extra_metrics(state))
     if local is not None:

@@ -75,11 +75,20 @@ def node_accuracy(evaluate: Callable, stacked: Stacked, x: jax.Array, y: jax.Arr
   return {**_spread('accuracy', acc), 'loss': jnp.mean(loss)}
 
 
+def client_accuracy(evaluate: Callable, stacked: Stacked, valid: jax.Array, x: jax.Array,
+                    y: jax.Array, batch_size: int = NODE_EVAL_BATCH) -> dict[str, jax.Array]:
+  """The clients' models after local training (leaves ``[s, ...]``, ``valid [s]``) on the
+  test set: ``client_accuracy`` (mean over the valid ones) and its quantiles."""
+  acc, _ = jax.lax.map(lambda p: evaluate(p, x, y), stacked, batch_size=batch_size)  # [s]
+  return _spread('client_accuracy', jnp.where(valid, acc, jnp.nan))
+
+
 def _spread(prefix: str, values: jax.Array) -> dict[str, jax.Array]:
-  """Mean and quantiles over nodes of ``values [k]``, keys ``prefix``, ``prefix_min``, ..."""
-  return {prefix: jnp.mean(values), f'{prefix}_min': jnp.min(values),
-          f'{prefix}_p10': jnp.quantile(values, 0.1), f'{prefix}_median': jnp.median(values),
-          f'{prefix}_max': jnp.max(values)}
+  """Mean and quantiles over nodes of ``values [k]`` (NaN entries left out; all NaN gives
+  NaN), keys ``prefix``, ``prefix_min``, ..."""
+  return {prefix: jnp.nanmean(values), f'{prefix}_min': jnp.nanmin(values),
+          f'{prefix}_p10': jnp.nanquantile(values, 0.1),
+          f'{prefix}_median': jnp.nanmedian(values), f'{prefix}_max': jnp.nanmax(values)}
 
 
 def local_accuracy(evaluate: Callable, models: Stacked | None, model: Params | None,

@@ -110,3 +110,30 @@ def test_local_accuracy_scores_the_model_each_node_holds_on_its_own_held_out_sam
 def P_lists(part):
   from decsim.data import partition as P
   return P.to_lists(part)
+
+
+@pytest.mark.parametrize('protocol,p_online', [('fedavg', 1.0), ('modest', 0.5)])
+def test_client_accuracy_scores_the_models_the_last_rounds_clients_trained(tiny_config,
+                                                                           protocol, p_online):
+  """FedAvg and MoDeST: ``accuracy`` is the delivered model; ``client_accuracy`` and its
+  quantiles are over the models the last round's clients hold after local training —
+  the node rows that the last round changed (offline draws left out)."""
+  config = dataclasses.replace(tiny_config, protocol=protocol, nodes=12, sample_size=6,
+                               p_online=p_online, seed=3)
+  exp, before = _after_rounds(config, rounds=1)
+  state, _ = jax.jit(exp.protocol.round)(before, exp.data)
+  changed = [i for i in range(12) if any(
+      not np.array_equal(a[i], b[i]) for a, b in zip(jax.tree.leaves(state.nodes.params),
+                                                     jax.tree.leaves(before.nodes.params)))]
+  assert 0 < len(changed) <= 6 and (p_online == 1.0) == (len(changed) == 6)
+  own = _per_node(exp, state.nodes.params, changed)[:, 0]
+  row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
+  assert row['client_accuracy'] == pytest.approx(own.mean(), abs=1e-6)
+  assert row['client_accuracy_min'] == pytest.approx(own.min(), abs=1e-6)
+  assert row['client_accuracy_p10'] == pytest.approx(np.quantile(own, 0.1), abs=1e-6)
+  assert row['client_accuracy_median'] == pytest.approx(np.median(own), abs=1e-6)
+  assert row['client_accuracy_max'] == pytest.approx(own.max(), abs=1e-6)
+  delivered = _per_node(exp, jax.tree.map(lambda p: p[None], exp.protocol.model(state)), [0])
+  assert row['accuracy'] == pytest.approx(delivered[0, 0], abs=1e-6)
+  initial = jax.jit(exp.evaluate)(jax.jit(exp.protocol.init)(jax.random.key(3), exp.data))
+  assert np.isnan(float(initial['client_accuracy']))  # round 0: no client has trained yet

@@ -33,6 +33,10 @@ class Protocol(NamedTuple):
   message_bytes: tuple[int, ...] | None = None
   # Extra values for the metrics rows, computed on the device at each evaluation.
   extra_metrics: Callable[[SimState], dict[str, jax.Array]] | None = None
+  # Protocols that deliver one model (FedAvg, MoDeST) return the models their clients
+  # hold after the last round's local training (leaves [s, ...]) and which of the s
+  # are real ([s] bool); evaluation scores them as ``client_accuracy``.
+  client_models: Callable[[SimState], tuple[Stacked, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,13 @@ def weighted_average(stacked: Stacked, weights: jax.Array) -> Params:
   """sum_i w_i x_i / sum_i w_i over the leading axis; weights [n]."""
   weights = weights / jnp.sum(weights)
   return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
+
+
+def rows_of(stacked: Stacked, ids: jax.Array) -> tuple[Stacked, jax.Array]:
+  """Rows ``ids [s]`` of node rows ``[N, ...]`` and which are real (``ids < N``; an id
+  of N or more marks no node): ``(leaves [s, ...], valid [s])``."""
+  nodes = jax.tree.leaves(stacked)[0].shape[0]
+  return jax.tree.map(lambda x: x[jnp.minimum(ids, nodes - 1)], stacked), ids < nodes
 
 
 def node_average(stacked: Stacked) -> Params:

@@ -40,7 +40,8 @@ from decsim.data.sampler import NodeData
 from decsim.network import (MODEL, Network, lowest_median_latency_node, model_messages,
                             uniform_network)
 from decsim.protocols import registry
-from decsim.protocols.base import Learner, Protocol, broadcast, sample_available, train_nodes
+from decsim.protocols.base import (Learner, Protocol, broadcast, rows_of, sample_available,
+                                  train_nodes)
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
@@ -87,6 +88,7 @@ class FedAvgState:
   global_params: Params  # the server model
   server_opt_state: optax.OptState = ()  # () when the aggregate replaces the global model
   aggregator_state: AggState = ()
+  clients: jax.Array = ()  # [s] int32 node rows the last round's clients trained (N: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
     # Node rows hold each client's last local model; they start as the global one.
     node_states = NodeState(params=broadcast(global_params, nodes), opt_state=())
-    return init_sim_state(key, node_states, _init_server(config, global_params))
+    return init_sim_state(key, node_states, _init_server(config, global_params, nodes, sample_size))
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r = state.round
@@ -143,7 +145,8 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
             params=_scatter_clients(state.nodes.params, result.params, ids, valid)),
         clock=state.clock + seconds,
         sent=_count_sent(state.sent, ids, valid, server),
-        extra=_aggregate(config, state.extra, result.params, weights, accepted))
+        extra=_aggregate(config, state.extra, result.params, weights, accepted).replace(
+            clients=jnp.where(valid, ids, nodes)))
     metrics = RoundMetrics(
         train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
         sim_seconds=seconds,
@@ -155,7 +158,10 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
   def model(state: SimState) -> Params:
     return state.extra.global_params
 
-  return Protocol(init, round_, model)
+  def client_models(state: SimState) -> tuple[Stacked, jax.Array]:
+    return rows_of(state.nodes.params, state.extra.clients)
+
+  return Protocol(init, round_, model, client_models=client_models)
 
 
 def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:
@@ -167,9 +173,11 @@ def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction
     raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
 
 
-def _init_server(config: _Server, global_params: Params) -> FedAvgState:
+def _init_server(config: _Server, global_params: Params, nodes: int,
+                 sample_size: int) -> FedAvgState:
   opt_state = () if config.optimizer.replaces_global else config.tx.init(global_params)
-  return FedAvgState(global_params, opt_state, config.aggregator.init(global_params))
+  return FedAvgState(global_params, opt_state, config.aggregator.init(global_params),
+                     clients=jnp.full((sample_size,), nodes, jnp.int32))
 
 
 def _finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.Array,
@@ -214,7 +222,8 @@ def _aggregate(config: _Server, server: FedAvgState, clients: Stacked, weights: 
   else:
     new_global, opt_state = aggregation.server_step(config.tx, server.server_opt_state,
                                                     server.global_params, aggregate)
-  new = FedAvgState(new_global, opt_state, agg_state)
+  new = server.replace(global_params=new_global, server_opt_state=opt_state,
+                       aggregator_state=agg_state)
   return jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
 
 

@@ -63,7 +63,7 @@ from decsim.local import LocalResult
 from decsim.network import MODEL, PING, VIEW, Network, uniform_network
 from decsim.protocols import fedavg as fedavg_lib
 from decsim.protocols import registry
-from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
+from decsim.protocols.base import Learner, Protocol, broadcast, rows_of, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
@@ -103,6 +103,7 @@ class ModestState:
   agg_done: jax.Array  # [a] float32 simulated time each aggregate was ready (inf: none)
   views: Views  # [V, N] activity records
   counter: jax.Array  # [N] int32 each node's own membership counter (the truth)
+  participants: jax.Array  # [s] int32 the last round's nodes that trained (N: none)
 
 
 def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array,
@@ -194,7 +195,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
                         aggregate_fn=aggregate_fn or aggregate)
 
   return Protocol(functools.partial(modest_init, settings, learner, availability), round_,
-                  modest_model)
+                  modest_model, client_models=lambda state: rows_of(state.nodes.params,
+                                                                    state.extra.participants))
 
 
 def modest_model(state: SimState) -> Params:
@@ -221,7 +223,7 @@ def modest_init(settings: ModestSettings, learner: Learner, availability, key: P
       views=Views(seen=jnp.zeros((rows, nodes), jnp.int32),
                   down=jnp.full((rows, nodes), NEVER, jnp.int32),
                   joins=jnp.broadcast_to(counter, (rows, nodes))),
-      counter=counter)
+      counter=counter, participants=jnp.full((settings.sample_size,), nodes, jnp.int32))
   return init_sim_state(key, NodeState(broadcast(model0, nodes), ()), extra)
 
 
@@ -478,11 +480,11 @@ def modest_round(settings: ModestSettings, learner: Learner, network: Network, a
     averaged = _correct(vc, averaged, ex.agg_params, result.params, take_weights(take))
   counter, changed = membership(availability, state)
   vw, heartbeat = new_views(settings, state, plan, counter, changed)
+  part = jnp.where(live, sample, settings.nodes)  # [s]
   new_extra = next_aggregates(settings, state, plan, averaged, done, n_sent).replace(
-      views=vw, counter=counter)
+      views=vw, counter=counter, participants=part)
   clock = jnp.min(new_extra.agg_done)
   sent, messages = message_counts(settings, state, plan, prev_ok, heartbeat)
-  part = jnp.where(live, sample, settings.nodes)
   node_params = jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
                              state.nodes.params, result.params)
   new_state = state.replace(round=r + 1, nodes=state.nodes.replace(params=node_params),
