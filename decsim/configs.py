@@ -127,6 +127,9 @@ class RunConfig(Component):
   checkpoint_every: int = option(0, 'Save an orbax checkpoint every this many rounds into '
                                  'OUT/checkpoints (0: off; a multiple of --eval_every).', low=0)
   resume: bool = option(False, 'Continue the run in --out from its newest readable checkpoint.')
+  tensorboard: bool = option(False, 'Also write the rows as TensorBoard scalars into '
+                             'OUT/tensorboard (needs tensorboardX: pip install '
+                             '"decsim[tensorboard]"); metrics.jsonl stays the record.')
   devices: int = option(1, "Devices the node axis is split over (1: one; 0: all, every "
                         "host's); --nodes must be a multiple of it.", low=0)
 

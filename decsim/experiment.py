@@ -19,7 +19,7 @@ import optax
 from flax import linen as nn
 
 from decsim import churn as churn_lib
-from decsim import interrupts, replicas, rundir, sharding, simulate
+from decsim import interrupts, replicas, rundir, sharding, simulate, tensorboard
 from decsim import metrics as metrics_lib
 from decsim import mixing
 from decsim import report as report_lib
@@ -73,6 +73,8 @@ def validate(c: ExperimentConfig) -> None:
   that ask JAX or the machine.
   """
   ExperimentConfig.__post_init__(c)
+  if c.tensorboard:
+    tensorboard.require()
   if c.devices != 1:  # asks JAX how many devices there are only when sharding
     error = sharding.device_error(c.devices, c.nodes, jax.device_count())
     check(error is None, error)
@@ -369,4 +371,4 @@ def _run_one(c: ExperimentConfig, run_dir, log, parts: dict[str, Any], seeds: Se
                       rounds=c.rounds, eval_every=c.eval_every, report=make_report(c, exp),
                       run_dir=run_dir, checkpoint_every=c.checkpoint_every, resume=c.resume,
                       log=log, mesh=sharding.make_mesh(c.devices) if c.devices != 1 else None,
-                      files=files)
+                      files=files, tensorboard=c.tensorboard)

@@ -94,7 +94,7 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
         eval_every: int, report: Report, out_dir: str | pathlib.Path | None = None,
         checkpoint_every: int = 0, resume: bool = False, log: Callable[[str], None] = print,
         mesh: Mesh | None = None, run_dir: RunDirectory | None = None,
-        files: dict[str, Any] | None = None) -> dict[str, Any]:
+        files: dict[str, Any] | None = None, tensorboard: bool = False) -> dict[str, Any]:
   """Runs ``rounds`` rounds, evaluating every ``eval_every``; returns the summary.
 
   Writes ``metrics.jsonl`` (the rows of ``report``, e.g. ``decsim.report.network_report``:
@@ -107,7 +107,8 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
   is ``completed``, ``diverged``, ``interrupted`` (SIGINT/SIGTERM; raises
   ``RunInterrupted`` after the summary) or ``failed`` (with ``error``). With
   ``mesh`` the node axis is split over its devices (``decsim.sharding``); a batch
-  of keys (one per replica) runs the replicas as one vmapped simulation.
+  of keys (one per replica) runs the replicas as one vmapped simulation. With
+  ``tensorboard`` the rows also go to event files in ``OUT/tensorboard``.
   """
   if checkpoint_every % eval_every:
     raise ValueError(f'checkpoint_every={checkpoint_every} must be a multiple of '
@@ -119,21 +120,21 @@ def run(protocol: Protocol, data: NodeData, evaluate: EvaluateFn, *, key: PRNGKe
     run_dir = RunDirectory(out_dir, resume)
   try:
     with interrupts.deferred():
-      return _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir,
-                  checkpoint_every, resume, log, mesh, files or {})
+      writer = RunWriter(run_dir, files or {}, checkpoint_every, tensorboard)
+      return _run(protocol, data, evaluate, key, rounds, eval_every, report, writer, resume,
+                  log, mesh)
   finally:
     if own_dir:
       run_dir.discard()
       run_dir.release()
 
 
-def _run(protocol, data, evaluate, key, rounds, eval_every, report, run_dir, checkpoint_every,
-         resume, log, mesh, files) -> dict[str, Any]:
+def _run(protocol, data, evaluate, key, rounds, eval_every, report, writer, resume, log,
+         mesh) -> dict[str, Any]:
   replicated = key.ndim == 1  # a key per replica: R seeds vmapped as one simulation
   if replicated and mesh is not None:
     raise ValueError('replicas and a device mesh cannot be combined')
   progress = _Progress(rows=[])
-  writer = RunWriter(run_dir, files, checkpoint_every)
   try:
     stop_if_requested('before the first round')
     state, data = _initial_state(protocol, key, data, mesh, replicated)
@@ -270,8 +271,11 @@ def _summary(progress: _Progress, report: Report, mesh) -> dict[str, Any]:
 class RunWriter:
   """The run's files in its ``RunDirectory`` (nothing when there is none)."""
 
-  def __init__(self, run_dir: RunDirectory | None, files: dict[str, Any], checkpoint_every: int):
+  def __init__(self, run_dir: RunDirectory | None, files: dict[str, Any], checkpoint_every: int,
+               tensorboard: bool = False):
     self.run_dir, self.files, self.every = run_dir, files, checkpoint_every
+    self.tensorboard = tensorboard
+    self.events = None  # decsim.tensorboard.Events, opened with the files
     self.kept_rows: list = []  # rows of a resumed run up to its checkpoint
     self.metrics = None
     self.checkpointer = None
@@ -305,6 +309,8 @@ class RunWriter:
       self._open_files()
     self.metrics.write(json.dumps(row) + '\n')
     self.metrics.flush()
+    if self.events is not None:
+      self.events.write(row)
     if finite:
       self.run_dir.promote()
 
@@ -314,6 +320,9 @@ class RunWriter:
     rundir.atomic_write(self.run_dir.work / 'metrics.jsonl',
                         ''.join(json.dumps(r) + '\n' for r in self.kept_rows))
     self.metrics = open(self.run_dir.work / 'metrics.jsonl', 'a')
+    if self.tensorboard and self.events is None:
+      from decsim import tensorboard
+      self.events = tensorboard.Events(self.run_dir.work / 'tensorboard')
 
   def checkpoint(self, round_: int, state, progress: _Progress) -> None:
     if not self.every or round_ % self.every:
@@ -331,6 +340,8 @@ class RunWriter:
     """
     if self.checkpointer is not None:
       self.checkpointer.close()
+    if self.events is not None:
+      self.events.close()
     if self.run_dir is None:
       return
     wrote = self.metrics is not None
