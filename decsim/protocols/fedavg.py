@@ -158,10 +158,8 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
   def model(state: SimState) -> Params:
     return state.extra.global_params
 
-  def client_models(state: SimState) -> tuple[Stacked, jax.Array]:
-    return rows_of(state.nodes.params, state.extra.clients)
-
-  return Protocol(init, round_, model, client_models=client_models)
+  return Protocol(init, round_, model, client_models=lambda state: rows_of(
+      state.nodes.params, state.extra.clients))
 
 
 def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:
