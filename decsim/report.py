@@ -149,12 +149,14 @@ def network_report(message_bytes: tuple[int, ...], target_accuracy: float | None
 def _network_fields(state, metrics, evals: dict[str, jax.Array]) -> dict[str, Any]:
   """The row's values; ``metrics`` None at round 0 (no training loss, no steps yet)."""
   if metrics is None:
-    train_loss, node_steps = jnp.full(jnp.shape(state.round), jnp.nan), jnp.zeros_like(state.round)
+    train_loss = participants = jnp.full(jnp.shape(state.round), jnp.nan)
+    node_steps = jnp.zeros_like(state.round)
   else:
     train_loss = jnp.mean(metrics.train_loss, axis=-1)
+    participants = jnp.mean(metrics.active_nodes, axis=-1)
     node_steps = jnp.sum(metrics.node_steps, axis=-1)
   return {'round': state.round, 'sim_seconds': state.clock, 'sent': _sent_by_kind(state.sent),
-          'train_loss': train_loss, 'node_steps': node_steps,
+          'train_loss': train_loss, 'participants': participants, 'node_steps': node_steps,
           'online': _any_online(state.available),
           'evals': evals}
 
@@ -166,6 +168,7 @@ def _network_row(message_bytes: tuple[int, ...], fields: dict[str, Any]) -> list
   row = {
       'round': int(fields['round']),
       'train_loss': float(fields['train_loss']),
+      'participants': float(fields['participants']),  # nodes that trained, mean per round
       'sim_seconds': float(fields['sim_seconds']),
       'node_steps': int(fields['node_steps']),  # local steps since the previous row
       'models_sent': int(counts[MODEL]),

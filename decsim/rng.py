@@ -45,6 +45,7 @@ class Stream(enum.IntEnum):
   TOPOLOGY = 4  # time-varying graphs and peer choices
   CHURN = 5  # availability draws
   GOSSIP = 6  # gossip wake-up jitter
+  MODEST = 7  # MoDeST hash ranking with --modest_stream=independent
   TASK = 10  # RL: the questions each node samples (decsim.rl)
   ROLLOUT = 11  # RL: the completions each node generates (decsim.rl)
 

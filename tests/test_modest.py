@@ -1,6 +1,8 @@
 """MoDeST: hash-ranked samples, equivalence with FedAvg, closed-form bytes, round time by
 hand, success fraction, crash handling, and per-node views against the global view."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +61,11 @@ def test_full_sample_modest_equals_fedavg(setup):
 
 def test_bytes_and_round_time_in_closed_form(setup):
   """Uniform network (latency L, unlimited bandwidth, speed v), no churn, s=4, a=2:
-  per round s*a uploads and a*s downloads (one view each), s*a pings and a*s replies;
-  round time = L (download) + 20/v (train) + 2L (ping RTT to each of the a aggregators,
-  probed in turn) ... = L + 20/v + a*2L + L."""
+  per round s*a uploads and a*s downloads (one view each); pings: each of the a
+  aggregators pings the s nodes of the next sample (a*s, and a*s replies) and each
+  participant its a aggregators (s*a, and s*a replies); round time = 2L (the
+  aggregators' pings of the sample, s at a time) + L (download) + 20/v (train) + 2L
+  (the participants' pings, a at a time) + L (upload)."""
   learner, data = setup
   lat, speed, s, a = 0.03, 100.0, 4, 2
   net = network.uniform_network(12, latency=lat, speed=speed)
@@ -72,9 +76,9 @@ def test_bytes_and_round_time_in_closed_form(setup):
   state, m1 = jax.jit(protocol.round)(state, data)
   per_round = np.asarray(state.sent - before).sum(0)
   assert per_round[MODEL] == s * a + a * s and per_round[VIEW] == per_round[MODEL]
-  assert per_round[PING] == s * a + a * s
+  assert per_round[PING] == 4 * s * a
   np.testing.assert_array_equal(m1.messages, per_round)
-  expected = lat + 20 / speed + a * 2 * lat + lat
+  expected = 2 * lat + lat + 20 / speed + 2 * lat + lat
   np.testing.assert_allclose([m0.sim_seconds, m1.sim_seconds], expected, rtol=1e-5)
 
 
@@ -96,7 +100,7 @@ def test_success_fraction_ignores_the_slowest_participant(setup, tmp_path):
 def test_crashed_candidates_cost_a_ping_timeout_and_leave_the_view(setup):
   learner, data = setup
   protocol = modest(learner, nodes=12, sample_size=4, ping_timeout=2.0, inactivity_threshold=50,
-                    network=network.uniform_network(12, latency=0.01))
+                    mark_down=True, network=network.uniform_network(12, latency=0.01))
   state = protocol.init(jax.random.key(0), data)
   state, _ = jax.jit(protocol.round)(state, data)
   down = jnp.zeros((12,), bool).at[jnp.arange(0, 12, 2)].set(True)  # half the nodes crash
@@ -106,8 +110,9 @@ def test_crashed_candidates_cost_a_ping_timeout_and_leave_the_view(setup):
     state, m = jax.jit(protocol.round)(state, data)
     seconds.append(float(m.sim_seconds))
     live.append(int(m.active_nodes))
-  # Probes that time out mark the node down at once: later samples avoid crashed nodes
-  # long before the 50-round inactivity threshold, so rounds get fast again.
+  # With --mark_down, probes that time out mark the node down at once: later samples
+  # avoid crashed nodes long before the 50-round inactivity threshold, so rounds get
+  # fast again.
   assert max(seconds) >= 2.0 and seconds[-1] < 1.0
   assert live[-1] == 4
   assert np.all(np.isfinite(seconds))
@@ -260,3 +265,50 @@ def test_a_participant_whose_view_disagrees_loses_its_model(setup):
     np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
   assert float(m.sim_seconds) >= timeout
   assert int(m.messages[MODEL]) == s + s  # every upload counted, plus the s downloads
+
+
+def test_the_sample_is_the_first_s_nodes_that_answer(tmp_path):
+  """Half of 100 nodes offline, s = 10: every round trains 10 nodes, the first 10 online
+  nodes of the hash ranking; the dead ones ranked before them cost the aggregator's
+  timeouts (pings 10 at a time), and stay in the view (no down marks by default)."""
+  config = experiment.ExperimentConfig(protocol='modest', num_samples=2000, nodes=100,
+                                       sample_size=10, model='logistic', local_steps=1,
+                                       ping_timeout=5.0)
+  exp = experiment.build(config)
+  state = jax.jit(exp.protocol.init)(jax.random.key(0), exp.data)
+  online = jnp.asarray(np.random.default_rng(0).random(100) < 0.5)
+  step = jax.jit(exp.protocol.round)
+  for _ in range(4):
+    r = state.round
+    ranked = np.asarray(hash_ranking(jax.random.key(0), r, jnp.ones(100, bool), 100)[0])
+    first_live = [i for i in ranked if online[i]][:10]
+    state, metrics = step(state.replace(available=online), exp.data)
+    assert int(metrics.active_nodes) == 10
+    assert set(np.asarray(state.extra.participants).tolist()) == set(first_live)
+    last = list(ranked).index(first_live[-1])  # rank of the 10th live node
+    assert float(metrics.sim_seconds) >= 5.0 * (last // 10 + 1) - 1e-3  # a timeout per batch
+  assert np.all(np.asarray(state.extra.views.down) == modest_lib.NEVER)
+
+
+def test_independent_stream_draws_other_samples_than_fedavg():
+  """--modest_stream=shared ranks with FedAvg's sampling stream (the same clients without
+  churn); independent ranks with its own."""
+  everyone = jnp.ones(50, bool)
+  shared = hash_ranking(jax.random.key(1), 3, everyone, 5)[0]
+  own = hash_ranking(jax.random.key(1), 3, everyone, 5, modest_lib.Stream.MODEST)[0]
+  fedavg_ids = jax.lax.top_k(jax.random.uniform(
+      modest_lib.round_key(jax.random.key(1), 3, modest_lib.Stream.SAMPLE), (50,)), 5)[1]
+  np.testing.assert_array_equal(shared, fedavg_ids)
+  assert set(np.asarray(own).tolist()) != set(np.asarray(shared).tolist())
+
+
+@pytest.mark.parametrize('protocol', ['fedavg', 'modest', 'dpsgd'])
+def test_rows_report_the_mean_participants_per_round(tmp_path, protocol):
+  """``participants`` = nodes that trained, the mean over the row's rounds: s for FedAvg
+  and MoDeST with everyone online, N for D-PSGD; null at round 0."""
+  config = experiment.ExperimentConfig(protocol=protocol, num_samples=2000, nodes=12,
+                                       sample_size=4, degree=2, model='logistic', rounds=4,
+                                       eval_every=2, local_steps=1, eval_nodes=2)
+  experiment.run(config, out_dir=tmp_path / 'run', log=lambda _: None)
+  rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['participants'] for r in rows] == [None] + [12.0 if protocol == 'dpsgd' else 4.0] * 2

@@ -77,7 +77,7 @@ def test_probe_with_every_candidate_offline_charges_the_timeouts():
   answering no candidate was pinged or charged its timeout."""
   valid, (_, _, probed, _, seconds) = _probe_all_offline()
   np.testing.assert_array_equal(probed, valid)  # every valid candidate pinged
-  np.testing.assert_allclose(seconds, [3 * 2.5, 2 * 2.5])
+  np.testing.assert_allclose(seconds, [2 * 2.5, 1 * 2.5])  # batches of a = 2 pings
 
 
 def test_probe_stops_at_the_first_responsive_candidates():
@@ -90,7 +90,8 @@ def test_probe_stops_at_the_first_responsive_candidates():
   np.testing.assert_array_equal(chosen[0], [2, 4])
   assert np.all(chosen_ok)
   np.testing.assert_array_equal(probed[0], [True, True, True, True, False])
-  np.testing.assert_allclose(seconds, [2 * 2.0 + 2 * (2 * 0.1)], rtol=1e-6)  # 2 timeouts, 2 RTTs
+  # pings go a = 2 at a time: {1, 2} and {3, 4}, each batch waits for its timed-out ping
+  np.testing.assert_allclose(seconds, [2 * 2.0], rtol=1e-6)
 
 
 def test_aggregate_is_the_mean_of_the_models_received():
@@ -109,11 +110,12 @@ def test_aggregate_is_the_mean_of_the_models_received():
 
 def test_collect_takes_the_first_arrivals_and_waits_in_vain_for_missing_ones():
   settings = m.ModestSettings(nodes=N, sample_size=3, aggregators=2, wait_for=2, candidates=N,
-                              ping_timeout=2.0, inactivity_threshold=5, local=False,
-                              model_bytes=0)
+                              search=N, ping_timeout=2.0, inactivity_threshold=5, local=False,
+                              model_bytes=0, mark_down=False, stream=m.Stream.SAMPLE)
   network = uniform_network(N, latency=0.5)
   sends = jnp.array([[True, True], [True, False], [True, False]])
-  plan = m.RoundPlan(sample=jnp.array([0, 1, 2]), live=jnp.ones(3, bool), cand=None, probed=None,
+  plan = m.RoundPlan(sample=jnp.array([0, 1, 2]), live=jnp.ones(3, bool), search=None,
+                     cand=None, probed=None,
                      responsive=None, chosen_ok=None, agg_ids=jnp.array([4, 5]),
                      agg_valid=jnp.ones(2, bool), sends=sends, part_vw=None)
   take, done, n_sent = m.collect(settings, network, plan, jnp.array([3.0, 1.0, 2.0]))
@@ -130,9 +132,10 @@ def test_global_views_mark_online_seen_and_timed_out_down():
   cand = jnp.array([[2, 4, 1], [2, 4, 1]])
   timed_out = jnp.array([[True, False, False], [False, True, False]])
   counter = jnp.array([1, 1, 1, 2, 1, 1], jnp.int32)
-  out = m.global_views(vw, online, counter, cand, timed_out, jnp.int32(7))
+  search_down = jnp.array([1, N])  # the sample search timed out on node 1 (N: no node)
+  out = m.global_views(vw, online, counter, cand, timed_out, search_down, jnp.int32(7))
   np.testing.assert_array_equal(out.seen[0], np.where(online, 7, 0))
-  np.testing.assert_array_equal(out.down[0] == 7, [False, False, True, False, True, False])
+  np.testing.assert_array_equal(out.down[0] == 7, [False, True, True, False, True, False])
   np.testing.assert_array_equal(out.joins[0], counter)
 
 
@@ -145,4 +148,33 @@ def test_probe_finding_fewer_than_a_searches_the_whole_ranking():
                                                    ping_timeout=2.0)
   assert chosen[0, 0] == 2 and chosen_ok.tolist() == [[True, False]]
   assert np.all(probed)  # the search went on past node 2 to the end of the ranking
-  np.testing.assert_allclose(seconds, [4 * 2.0 + 2 * 0.1], rtol=1e-6)  # 4 timeouts, 1 RTT
+  np.testing.assert_allclose(seconds, [3 * 2.0], rtol=1e-6)  # {1, 2}, {3, 4}, {5}: a dead each
+
+
+def _loop_ping_batches(responsive, valid, rtt, need, width, timeout):
+  """ping_batches one batch at a time, as a person would count it."""
+  probed, found, seconds, pos = [False] * len(valid), [False] * len(valid), 0.0, 0
+  while pos < len(valid) and sum(found) < need:
+    batch = [i for i in range(pos, min(pos + width, len(valid))) if valid[i]]
+    for i in batch:
+      probed[i] = True
+      if responsive[i] and sum(found) < need:
+        found[i] = True
+    seconds += max([rtt[i] if responsive[i] else timeout for i in batch], default=0.0)
+    pos += width
+  return probed, found, seconds
+
+
+@pytest.mark.parametrize('seed', range(20))
+def test_ping_batches_equals_a_loop_over_batches(seed):
+  rng = np.random.default_rng(seed)
+  c, need, width = int(rng.integers(1, 12)), int(rng.integers(1, 5)), int(rng.integers(1, 5))
+  responsive, valid = rng.random(c) < 0.5, rng.random(c) < 0.8
+  valid[:int(rng.integers(0, c + 1))] |= True  # valid entries mostly first, as in a ranking
+  rtt = rng.random(c)
+  probed, found, seconds = m.ping_batches(jnp.asarray(responsive), jnp.asarray(valid),
+                                          jnp.asarray(rtt, jnp.float32), need, width, 3.0)
+  want = _loop_ping_batches(responsive & valid, valid, rtt, need, width, 3.0)
+  np.testing.assert_array_equal(probed, want[0])
+  np.testing.assert_array_equal(found, want[1])
+  np.testing.assert_allclose(seconds, want[2], rtol=1e-6)

@@ -1,28 +1,33 @@
 """MoDeST: decentralized sampling (de Vos et al., "MoDeST: Bridging the Gap between
 Federated and Decentralized Learning with Decentralized Sampling", 2023).
 
-Round r is run by a *sample* S_r of ``s`` nodes: the nodes active in the view
-ranked first by a keyed hash of (node id, r), so every node with the same view
-computes the same sample without coordination. Each participant starts from the
-first aggregated model to reach it, trains, and sends its model to the ``a``
-aggregators of round r: the first ``a`` responsive nodes of S_{r+1} in hash
-order (each probe of a crashed candidate costs a ping timeout before the
-participant falls through to the next one). An aggregator averages (unweighted)
-as soon as it holds ceil(sf * s) models, ignores later arrivals, and sends the
-average to S_{r+1}, whose members train it in round r+1.
+Round r is run by a *sample* S_r of ``s`` nodes: the first ``s`` nodes of the
+view's ranking by a keyed hash of (node id, r) that answer a ping, as in the
+authors' code (``accdfl/dfl/sample_manager.py``, ``community.py``): every node
+with the same view ranks alike without coordination, and the aggregators of
+round r - 1 ping down the ranking ``s`` at a time, a dead node being replaced by
+the next; each batch with a dead node costs the ping timeout, on the critical
+path before the model is sent (``live_sample``, ``ping_batches``). Each
+participant starts from the first aggregated model to reach it, trains, and
+sends its model to the ``a`` aggregators of round r: the first ``a`` responsive
+nodes of S_{r+1} in hash order, pinged ``a`` at a time. An aggregator averages
+(unweighted) as soon as it holds ceil(sf * s) models, ignores later arrivals, and
+sends the average to S_{r+1}, whose members train it in round r+1. The search
+ranks the whole view up to 16,384 nodes (beyond, its first 64 s entries).
 
 Views. Per peer a node records the last round it saw the peer active, the last
 round a ping to it timed out, and a membership counter (+1 per join or graceful
 leave; odd = member). A peer is active in a view when it is a member, was seen
-within ``inactivity_threshold`` rounds, and has not been found down since. Views
-travel with every model and merge by element-wise max. Samples are drawn among
-view-active nodes, so a freshly crashed node can still be sampled: it then
-neither trains nor answers, which is what ``sf < 1`` and the ping timeout are for.
+within ``inactivity_threshold`` rounds (the reference's 1000 by default), and, with
+``mark_down`` (not in the reference, off by default), has not been found down by a
+timed-out ping since. Views travel with every model and merge by element-wise max.
+A crashed node stays in the views until it ages out, and every search that reaches
+it pays its timeout.
 
 - ``views='global'`` (default, fast): one shared record per node stands for all
-  views. An online node is seen active every round, a timed-out ping marks its
-  target down at once for everybody, and membership changes are visible the next
-  round.
+  views. An online node is seen active every round, a timed-out ping (with
+  ``mark_down``) marks its target down at once for everybody, and membership
+  changes are visible the next round.
 - ``views='local'``: every node's own view, an ``[N, N]`` matrix (for N up to a
   few thousand). A node knows its own record; participants merge the views of
   the aggregates they receive, mark their own timed-out pings, and send their
@@ -69,6 +74,7 @@ from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
 
 VIEWS = ('global', 'local')
+STREAMS = ('shared', 'independent')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +82,18 @@ class ModestConfig(Component):
   """MoDeST (de Vos et al. 2023)."""
 
   aggregators: int = option(1, 'MoDeST: aggregators per round (a).', low=1)
-  ping_timeout: float = option(2.0, 'MoDeST: simulated seconds a ping to a crashed candidate '
-                               'costs.', low=0)
-  inactivity_threshold: int = option(20, 'MoDeST: rounds without activity after which a node '
-                                     'leaves the samples.', low=1)
+  ping_timeout: float = option(5.0, 'MoDeST: simulated seconds a ping to a crashed candidate '
+                               'costs (the reference: 5).', low=0)
+  inactivity_threshold: int = option(1000, 'MoDeST: rounds without activity after which a '
+                                     'node leaves the samples (the reference: 1000).', low=1)
   views: str = option('global', "MoDeST: one global view (fast) or every node's own view, an "
                       '[N, N] matrix merged on every transfer.', choices=VIEWS)
+  mark_down: bool = option(False, 'MoDeST: a ping that times out marks its target down in the '
+                           'views at once (not in the reference, where only '
+                           '--inactivity_threshold removes a node).')
+  modest_stream: str = option('shared', "MoDeST: rank samples with FedAvg's random stream "
+                              '(shared: without churn both draw the same clients, common random '
+                              'numbers) or an independent one.', choices=STREAMS)
 NEVER = jnp.iinfo(jnp.int32).min // 2  # a round before every other; max-merge identity
 
 
@@ -106,15 +118,15 @@ class ModestState:
   participants: jax.Array  # [s] int32 the last round's nodes that trained (N: none)
 
 
-def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array,
-                 count: int) -> tuple[jax.Array, jax.Array]:
+def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array, count: int,
+                 stream: Stream = Stream.SAMPLE) -> tuple[jax.Array, jax.Array]:
   """The ``count`` eligible nodes ranked first by a keyed hash of (node, round).
 
   Returns ``(ids [count], valid [count])`` in rank order; ``valid`` is False for
   slots beyond the number of eligible nodes. Identical views give identical
   rankings; different rounds give independent ones.
   """
-  scores = jax.random.uniform(round_key(key, round_, Stream.SAMPLE), eligible.shape)  # [N]
+  scores = jax.random.uniform(round_key(key, round_, stream), eligible.shape)  # [N]
   top, ids = jax.lax.top_k(jnp.where(eligible, scores, -1.0), count)
   return ids.astype(jnp.int32), top >= 0.0
 
@@ -138,10 +150,23 @@ class ModestSettings:
   aggregators: int  # a
   wait_for: int  # ceil(sf * s): models an aggregator waits for
   candidates: int  # C: length of every participant's probing list
+  search: int  # K: length of the ranking the aggregators search for the next sample
   ping_timeout: float
   inactivity_threshold: int
   local: bool  # per-node views
   model_bytes: int
+  mark_down: bool  # timed-out pings mark their targets down in the views
+  stream: Stream  # the random stream of the hash ranking
+
+
+@struct.dataclass
+class Search:
+  """The previous round's aggregators' search for this round's sample."""
+
+  ranked: jax.Array  # [K] int32 the hash ranking of the view
+  probed: jax.Array  # [K] bool pinged (by every searching aggregator)
+  responsive: jax.Array  # [K] bool answered
+  seconds: jax.Array  # [a] each aggregator's search time
 
 
 @struct.dataclass
@@ -149,7 +174,8 @@ class RoundPlan:
   """Who takes part in a round and where their models go."""
 
   sample: jax.Array  # [s] int32 this round's sample
-  live: jax.Array  # [s] bool participants that train (in the view and online)
+  live: jax.Array  # [s] bool participants that train (answered the aggregators' pings)
+  search: Search  # how the previous aggregators found the sample
   cand: jax.Array  # [s, C] each participant's ranking of round r+1
   probed: jax.Array  # [s, C] candidates each participant pinged
   responsive: jax.Array  # [s, C] candidates that answered (or would have)
@@ -160,10 +186,13 @@ class RoundPlan:
   part_vw: Views | None  # [s, N] participants' merged views (local mode), else None
 
 
+FULL_SEARCH_NODES = 16_384  # up to here the sample search ranks the whole view; beyond, 64 s
+
+
 def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int = 1,
-           success_fraction: float = 1.0, ping_timeout: float = 2.0,
-           inactivity_threshold: int = 20, views: str = 'global', network: Network | None = None,
-           availability=None,
+           success_fraction: float = 1.0, ping_timeout: float = 5.0,
+           inactivity_threshold: int = 1000, views: str = 'global', mark_down: bool = False,
+           stream: str = 'shared', network: Network | None = None, availability=None,
            variance_correction: mixing.VarianceCorrection | None = None,
            aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None) -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
@@ -180,13 +209,15 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     raise ValueError(f'aggregators {a} must be in 1..{nodes}')
   if not 0 < success_fraction <= 1:
     raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
-  if views not in VIEWS:
-    raise ValueError(f'views {views!r} must be one of {", ".join(VIEWS)}')
+  if views not in VIEWS or stream not in STREAMS:
+    raise ValueError(f'views {views!r} / stream {stream!r} must be one of {VIEWS} / {STREAMS}')
   settings = ModestSettings(
       nodes=nodes, sample_size=s, aggregators=a, wait_for=math.ceil(success_fraction * s),
       candidates=min(nodes, 2 * s + a),  # probing list: the sample of r+1 and beyond
+      search=nodes if nodes <= FULL_SEARCH_NODES else min(nodes, 64 * s),
       ping_timeout=ping_timeout, inactivity_threshold=inactivity_threshold,
-      local=views == 'local', model_bytes=learner.model_bytes())
+      local=views == 'local', model_bytes=learner.model_bytes(), mark_down=mark_down,
+      stream=Stream.SAMPLE if stream == 'shared' else Stream.MODEST)
   network = network if network is not None else uniform_network(nodes)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
@@ -264,42 +295,74 @@ def next_candidates(settings: ModestSettings, state: SimState, view: jax.Array,
   participants' views merged with the aggregates' [s, N] (local mode) or None)."""
   r, ex, s, c = state.round, state.extra, settings.sample_size, settings.candidates
   if not settings.local:
-    cand, cand_valid = hash_ranking(state.key, r + 1, view, c)
+    cand, cand_valid = hash_ranking(state.key, r + 1, view, c, settings.stream)
     return jnp.broadcast_to(cand, (s, c)), jnp.broadcast_to(cand_valid, (s, c)), None
   of = functools.partial(views_of, ex.views, online=state.available, counter=ex.counter, r=r)
   received = jax.tree.map(lambda f: jnp.max(jnp.where(prev_ok[:, None], f, NEVER), axis=0),
                           of(ex.agg_ids))  # [N] the aggregates' views
   part_vw = jax.tree.map(lambda f, g: jnp.maximum(f, g[None]), of(sample), received)  # [s, N]
-  rank = jax.vmap(functools.partial(hash_ranking, state.key, r + 1, count=c))
+  rank = jax.vmap(functools.partial(hash_ranking, state.key, r + 1, count=c,
+                                    stream=settings.stream))
   cand, cand_valid = rank(active_in(part_vw, jnp.arange(s), r, settings.inactivity_threshold))
   return cand, cand_valid, part_vw
 
 
+def ping_batches(responsive: jax.Array, valid: jax.Array, rtt: jax.Array, need: int,
+                 width: int, ping_timeout: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pings down a ranking ``[..., C]``, ``width`` at a time in rank order, until ``need``
+  entries answered; a batch lasts its slowest reply (``rtt``), or ``ping_timeout`` when one
+  of its pings goes unanswered. A search that finds fewer than ``need`` has pinged every
+  valid entry. Returns (probed ``[..., C]``, found ``[..., C]``: the first ``need``
+  responsive, seconds ``[...]``)."""
+  c = responsive.shape[-1]
+  responsive &= valid
+  found = responsive & (jnp.cumsum(responsive, axis=-1) <= need)
+  found_all = jnp.sum(found, axis=-1) >= need
+  last = jnp.where(found_all, jnp.max(jnp.where(found, jnp.arange(c), -1), axis=-1), c - 1)
+  batch = jnp.arange(c) // width  # [C]
+  probed = valid & (batch <= (last // width)[..., None])
+  cost = jnp.where(probed, jnp.where(responsive, rtt, ping_timeout), 0.0)  # [..., C]
+  pad = (-c) % width
+  cost = jnp.pad(cost, [(0, 0)] * (cost.ndim - 1) + [(0, pad)])
+  per_batch = jnp.max(cost.reshape(*cost.shape[:-1], -1, width), axis=-1)  # [..., C / width]
+  return probed, found, jnp.sum(per_batch, axis=-1)
+
+
 def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, online: jax.Array,
           network: Network, aggregators: int, ping_timeout: float):
-  """Each participant ``sample [s]`` probes its ranking ``cand [s, C]`` of round r+1 in
-  order until ``aggregators`` candidates answer; an offline candidate costs
-  ``ping_timeout``, a live one a round trip. A participant that finds fewer than
-  ``aggregators`` has probed, and waited for, every candidate of its ranking.
+  """Each participant ``sample [s]`` pings its ranking ``cand [s, C]`` of round r+1,
+  ``aggregators`` at a time (``ping_batches``), until ``aggregators`` candidates answer.
   Returns (chosen [s, a], chosen_ok [s, a], probed [s, C], responsive [s, C],
   probe seconds [s])."""
-  a, candidates = aggregators, cand.shape[1]
+  a = aggregators
   responsive = cand_valid & online[cand]  # [s, C]
-  is_agg = responsive & (jnp.cumsum(responsive, axis=1) <= a)  # [s, C]
-  found_all = jnp.sum(is_agg, axis=1) >= a  # [s]
-  last_found = jnp.max(jnp.where(is_agg, jnp.arange(candidates), -1), axis=1)  # [s]
-  last_probe = jnp.where(found_all, last_found, candidates - 1)  # [s]
-  probed = cand_valid & (jnp.arange(candidates) <= last_probe[:, None])  # [s, C]
   rtt = 2 * network.transfer_seconds(sample[:, None], cand, 0)  # [s, C]
-  seconds = jnp.sum(jnp.where(probed, jnp.where(responsive, rtt, ping_timeout), 0.0), axis=1)
+  probed, is_agg, seconds = ping_batches(responsive, cand_valid, rtt, a, a, ping_timeout)
   positions = jnp.argsort(jnp.where(is_agg, 0, 1), axis=1, stable=True)[:, :a]  # [s, a]
   chosen = jnp.take_along_axis(cand, positions, axis=1)
   chosen_ok = jnp.take_along_axis(is_agg, positions, axis=1)
   return chosen, chosen_ok, probed, responsive, seconds
 
 
+def live_sample(settings: ModestSettings, network: Network, state: SimState,
+                view: jax.Array) -> tuple[jax.Array, jax.Array, Search]:
+  """Round r's participants: the first s nodes of the hash ranking of ``view [N]`` that
+  answer the pings of the previous round's aggregators, sent s at a time (a dead node
+  is replaced by the next in the ranking). Returns (sample [s], live [s], Search)."""
+  s, ex = settings.sample_size, state.extra
+  ranked, valid = hash_ranking(state.key, state.round, view, settings.search,
+                               settings.stream)  # [K]
+  responsive = valid & state.available[ranked]
+  rtt = 2 * network.transfer_seconds(ex.agg_ids[:, None], ranked[None, :], 0)  # [a, K]
+  probed, found, seconds = ping_batches(responsive[None], valid[None], rtt, s, s,
+                                        settings.ping_timeout)  # [a, K], [a, K], [a]
+  positions = jnp.argsort(~found[0], stable=True)[:s]  # [s] the found ones first, in order
+  search = Search(ranked=ranked, probed=probed[0], responsive=responsive, seconds=seconds)
+  return ranked[positions], found[0][positions], search
+
+
 def plan_round(settings: ModestSettings, network: Network, state: SimState, view: jax.Array,
-               sample: jax.Array, live: jax.Array, prev_ok: jax.Array):
+               sample: jax.Array, live: jax.Array, search: Search, prev_ok: jax.Array):
   """The aggregators each participant finds and where it sends. Returns (RoundPlan,
   probe seconds [s])."""
   cand, cand_valid, part_vw = next_candidates(settings, state, view, sample, prev_ok)
@@ -310,7 +373,7 @@ def plan_round(settings: ModestSettings, network: Network, state: SimState, view
   agg_ids, agg_valid = chosen[lead], chosen_ok[lead]  # [a]
   sends = jnp.any(chosen_ok[:, :, None] & (chosen[:, :, None] == agg_ids[None, None, :]), axis=1)
   sends &= live[:, None] & agg_valid[None, :]  # [s, a]: participant -> aggregator slot
-  plan = RoundPlan(sample=sample, live=live, cand=cand, probed=probed, responsive=responsive,
+  plan = RoundPlan(sample=sample, live=live, search=search, cand=cand, probed=probed, responsive=responsive,
                    chosen_ok=chosen_ok, agg_ids=agg_ids, agg_valid=agg_valid, sends=sends,
                    part_vw=part_vw)
   return plan, seconds
@@ -320,12 +383,13 @@ def plan_round(settings: ModestSettings, network: Network, state: SimState, view
 
 
 def train_sample(settings: ModestSettings, learner: Learner, network: Network, state: SimState,
-                 data: NodeData, sample: jax.Array,
-                 live: jax.Array) -> tuple[LocalResult, jax.Array, jax.Array]:
-  """Each participant trains the first aggregate to reach it. Returns (the local
-  result, steps [s] (0 if not live), the time each finished training [s])."""
+                 data: NodeData, sample: jax.Array, live: jax.Array,
+                 search_seconds: jax.Array) -> tuple[LocalResult, jax.Array, jax.Array]:
+  """Each participant trains the first aggregate to reach it (each aggregator sends once
+  its search, ``search_seconds [a]``, found the sample). Returns (the local result,
+  steps [s] (0 if not live), the time each finished training [s])."""
   r, ex = state.round, state.extra
-  arrive = ex.agg_done[None, :] + network.transfer_seconds(
+  arrive = ex.agg_done[None, :] + search_seconds[None, :] + network.transfer_seconds(
       ex.agg_ids[None, :], sample[:, None], settings.model_bytes)  # [s, a]
   first = jnp.argmin(arrive, axis=1)  # [s]
   start = jnp.min(arrive, axis=1)  # [s]
@@ -383,12 +447,13 @@ def membership(availability, state: SimState) -> tuple[jax.Array, jax.Array]:
 
 
 def global_views(vw: Views, online: jax.Array, counter: jax.Array, cand: jax.Array,
-                 timed_out: jax.Array, r: jax.Array) -> Views:
-  """The shared view ``[1, N]`` after round r: online nodes seen, timed-out probes down,
-  membership counters current."""
+                 timed_out: jax.Array, search_down: jax.Array, r: jax.Array) -> Views:
+  """The shared view ``[1, N]`` after round r: online nodes seen, timed-out probes
+  (``timed_out [s, C]`` of ``cand``) and sample-search pings (ids ``search_down [K]``,
+  N: none) down, membership counters current."""
   down_ids = jnp.where(jnp.any(timed_out, axis=0), cand[0], online.shape[0])  # [C]
-  return Views(seen=jnp.where(online, r, vw.seen),
-               down=vw.down.at[0, down_ids].set(r, mode='drop'), joins=counter[None])
+  down = vw.down.at[0, down_ids].set(r, mode='drop').at[0, search_down].set(r, mode='drop')
+  return Views(seen=jnp.where(online, r, vw.seen), down=down, joins=counter[None])
 
 
 def node_flags(ids: jax.Array, nodes: int) -> jax.Array:
@@ -400,9 +465,12 @@ def new_views(settings: ModestSettings, state: SimState, plan: RoundPlan, counte
               changed: jax.Array) -> tuple[Views, jax.Array | None]:
   """Views after the round, and (local views) the nodes that send heartbeats ``[N]``."""
   r, online, nodes = state.round, state.available, settings.nodes
-  timed_out = plan.probed & ~plan.responsive & plan.live[:, None]  # [s, C]
+  timed_out = plan.probed & ~plan.responsive & plan.live[:, None] & settings.mark_down  # [s, C]
   if not settings.local:
-    return global_views(state.extra.views, online, counter, plan.cand, timed_out, r), None
+    search = plan.search
+    search_down = search.probed & ~search.responsive & settings.mark_down  # [K]
+    return global_views(state.extra.views, online, counter, plan.cand, timed_out,
+                        jnp.where(search_down, search.ranked, nodes), r), None
   part = jnp.where(plan.live, plan.sample, nodes)  # out-of-range ids are dropped
   agg_rows = jnp.where(plan.agg_valid, plan.agg_ids, nodes)  # [a]
   heartbeat = (online | changed) & ~node_flags(part, nodes)  # [N] no model carries their record
@@ -431,6 +499,8 @@ def message_counts(settings: ModestSettings, state: SimState, plan: RoundPlan,
   sent = sent.at[part, PING].add(probes, mode='drop')
   sent = sent.at[jnp.where(replies, plan.cand, nodes), PING].add(1, mode='drop')
   pings = jnp.sum(probes) + jnp.sum(replies, dtype=jnp.int32)
+  sent, search_pings = _search_pings(sent, plan.search, prev, nodes)
+  pings += search_pings
   if heartbeat is not None:
     is_agg = node_flags(jnp.where(plan.agg_valid, plan.agg_ids, nodes), nodes)  # [N]
     beats = (jnp.sum(plan.agg_valid, dtype=jnp.int32) - is_agg) * heartbeat  # [N] to the others
@@ -438,6 +508,19 @@ def message_counts(settings: ModestSettings, state: SimState, plan: RoundPlan,
     pings += jnp.sum(beats)
   models = jnp.sum(uploads) + n_live * jnp.sum(prev_ok, dtype=jnp.int32)
   return sent, jnp.stack([models, models, pings]).astype(jnp.int32)
+
+
+def _search_pings(sent: jax.Array, search: Search, searchers: jax.Array,
+                  nodes: int) -> tuple[jax.Array, jax.Array]:
+  """Every searching aggregator (``searchers [a]``, N: none) pings the probed entries of
+  the sample search, and each responsive one answers each of them. Returns (``sent``,
+  the number of pings and replies)."""
+  n_searchers = jnp.sum(searchers < nodes, dtype=jnp.int32)
+  n_probed = jnp.sum(search.probed, dtype=jnp.int32)
+  answered = search.probed & search.responsive  # [K]
+  sent = sent.at[searchers, PING].add(n_probed, mode='drop')
+  sent = sent.at[jnp.where(answered, search.ranked, nodes), PING].add(n_searchers, mode='drop')
+  return sent, n_searchers * (n_probed + jnp.sum(answered, dtype=jnp.int32))
 
 
 # ------------------------------------------------------------------ a round
@@ -468,12 +551,13 @@ def modest_round(settings: ModestSettings, learner: Learner, network: Network, a
   ``aggregate_fn(models [s, ...], weights [s]) -> params`` is every aggregator's rule."""
   r, ex = state.round, state.extra
   view = ranking_view(settings, state)
-  sample, in_view = hash_ranking(state.key, r, view, settings.sample_size)
-  live = in_view & state.available[sample]  # [s] participants that train
+  sample, live, search = live_sample(settings, network, state, view)  # [s], [s] that train
   n_live = jnp.sum(live, dtype=jnp.int32)
   prev_ok = jnp.isfinite(ex.agg_done)  # [a]
-  result, steps, trained = train_sample(settings, learner, network, state, data, sample, live)
-  plan, probe_seconds = plan_round(settings, network, state, view, sample, live, prev_ok)
+  result, steps, trained = train_sample(settings, learner, network, state, data, sample, live,
+                                        search.seconds)
+  plan, probe_seconds = plan_round(settings, network, state, view, sample, live, search,
+                                   prev_ok)
   take, done, n_sent = collect(settings, network, plan, trained + probe_seconds)
   averaged = jax.vmap(aggregate_fn, in_axes=(None, 1))(result.params, take)  # [a, ...]
   if vc is not None:  # Tian et al. 2024, at every aggregator
@@ -551,7 +635,8 @@ def build(ctx: registry.BuildContext) -> Protocol:
   return modest(ctx.learner, nodes=c.nodes, sample_size=c.sample_size,
                 aggregators=c.aggregators, success_fraction=c.success_fraction,
                 ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
-                views=c.views, network=ctx.network, availability=ctx.availability,
+                views=c.views, mark_down=c.mark_down, stream=c.modest_stream,
+                network=ctx.network, availability=ctx.availability,
                 variance_correction=ctx.variance_correction,
                 aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0])
 
