@@ -224,7 +224,8 @@ def test_cli_runs_end_to_end(tmp_path):
                         cwd=os.path.join(os.path.dirname(__file__), '..'))
   assert proc.returncode == 0, proc.stderr
   rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['round'] for r in rows] == [2, 4]
+  assert [r['round'] for r in rows] == [0, 2, 4]  # round 0: the initial model
+  assert rows[0]['models_sent'] == 0
   assert all(np.isfinite(r['accuracy']) for r in rows)
   exp = experiment.build(experiment.ExperimentConfig(protocol='scaffold', nodes=20,
                                                      sample_size=5, num_samples=1000,
