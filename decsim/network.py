@@ -7,9 +7,13 @@ transfer of B bytes from node i to node j takes
 
 and training on n samples takes ``n / speed_i``. This is the model MoDeST (de Vos
 et al. 2023) evaluates on: a site-to-site latency matrix, model transfer times
-and compute times. Bandwidth is per node and unshared (a node sending to many
-peers at once is not slowed down); a protocol's round time is the path it waits
-for, computed by the protocol from these two primitives.
+and compute times. A node's concurrent transfers share its bandwidth fairly: a
+node sending to k peers at once uploads to each at upload_i / k, one receiving
+from m at download_j / m (``up_share``, ``down_share``), as the authors' bandwidth
+scheduler does; the share is held for the whole transfer, which is exact for
+equal transfers that start together (an aggregator's s uploads, a D-PSGD node's k
+neighbours). A protocol's round time is the path it waits for, computed by the
+protocol from these two primitives.
 
 The default latency matrix places ``S`` sites uniformly on the globe and takes
 the great-circle distance at 2/3 the speed of light with a 2x route inflation,
@@ -57,9 +61,13 @@ class Network:
   def num_nodes(self) -> int:
     return self.site.shape[0]
 
-  def transfer_seconds(self, src: jax.Array, dst: jax.Array, nbytes) -> jax.Array:
-    """Seconds for ``nbytes`` from node(s) ``src`` to node(s) ``dst`` (broadcasting)."""
-    bandwidth = jnp.minimum(self.upload[src], self.download[dst])
+  def transfer_seconds(self, src: jax.Array, dst: jax.Array, nbytes, up_share=1,
+                       down_share=1) -> jax.Array:
+    """Seconds for ``nbytes`` from node(s) ``src`` to node(s) ``dst`` (broadcasting), while
+    ``src`` uploads ``up_share`` and ``dst`` downloads ``down_share`` transfers at once."""
+    up = self.upload[src] / jnp.maximum(up_share, 1).astype(jnp.float32)
+    down = self.download[dst] / jnp.maximum(down_share, 1).astype(jnp.float32)
+    bandwidth = jnp.minimum(up, down)
     return self.latency[self.site[src], self.site[dst]] + jnp.float32(nbytes) / bandwidth
 
   def compute_seconds(self, nodes: jax.Array, samples: jax.Array) -> jax.Array:

@@ -115,8 +115,8 @@ def test_collect_takes_the_first_arrivals_and_waits_in_vain_for_missing_ones():
   network = uniform_network(N, latency=0.5)
   sends = jnp.array([[True, True], [True, False], [True, False]])
   plan = m.RoundPlan(sample=jnp.array([0, 1, 2]), live=jnp.ones(3, bool), search=None,
-                     cand=None, probed=None,
-                     responsive=None, chosen_ok=None, agg_ids=jnp.array([4, 5]),
+                     cand=None, probed=None, responsive=None, chosen_ok=sends,
+                     agg_ids=jnp.array([4, 5]),
                      agg_valid=jnp.ones(2, bool), sends=sends, part_vw=None)
   take, done, n_sent = m.collect(settings, network, plan, jnp.array([3.0, 1.0, 2.0]))
   np.testing.assert_array_equal(take, [[False, True], [True, False], [True, False]])

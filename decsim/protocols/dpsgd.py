@@ -94,12 +94,16 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
 def _barrier_seconds(network: Network, graph: Topology, samples: jax.Array, alive: jax.Array,
                      model_bytes: int) -> jax.Array:
   """Synchronous round: node i is done when it has trained and holds every neighbour's
-  model, max(train_i, max_j train_j + transfer(j -> i)); the round waits for the last node."""
+  model, max(train_i, max_j train_j + transfer(j -> i)); the round waits for the last node.
+  A node's sends share its upload, its receipts its download."""
   n = graph.idx.shape[0]
   train = network.compute_seconds(jnp.arange(n), samples)  # [N]
   receives = (graph.weights > 0) & (graph.idx != jnp.arange(n)[:, None])  # [N, k]
-  arrival = train[graph.idx] + network.transfer_seconds(graph.idx, jnp.arange(n)[:, None],
-                                                        model_bytes)  # [N, k]
+  sends = _models_sent_per_node(graph)  # [N] out-degree
+  in_degree = jnp.sum(receives, axis=1)  # [N]
+  arrival = train[graph.idx] + network.transfer_seconds(
+      graph.idx, jnp.arange(n)[:, None], model_bytes, up_share=sends[graph.idx],
+      down_share=in_degree[:, None])  # [N, k]
   done = jnp.maximum(train, jnp.max(jnp.where(receives, arrival, 0.0), axis=1))  # [N]
   return jnp.max(jnp.where(alive, done, 0.0))
 

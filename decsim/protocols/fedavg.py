@@ -135,10 +135,11 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
-    finish = _finish_seconds(network, server, ids, steps * learner.batch_size, model_bytes)
+    n_valid = jnp.sum(valid, dtype=jnp.int32)
+    finish = _finish_seconds(network, server, ids, steps * learner.batch_size, model_bytes,
+                             n_valid)
     accepted, seconds = _accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
     weights = _client_weights(data.sizes[ids], weighting, accepted)  # [s]
-    n_valid = jnp.sum(valid, dtype=jnp.int32)
     state = state.replace(
         round=r + 1,
         nodes=state.nodes.replace(
@@ -179,11 +180,12 @@ def _init_server(config: _Server, global_params: Params, nodes: int,
 
 
 def _finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.Array,
-                    model_bytes: int) -> jax.Array:
-  """When each client's model reaches the server: download, training, upload [s]."""
-  return (network.transfer_seconds(server, ids, model_bytes)
+                    model_bytes: int, clients: jax.Array) -> jax.Array:
+  """When each client's model reaches the server: download, training, upload [s]; the
+  server's bandwidth is shared by its ``clients`` downloads, then uploads."""
+  return (network.transfer_seconds(server, ids, model_bytes, up_share=clients)
           + network.compute_seconds(ids, samples)
-          + network.transfer_seconds(ids, server, model_bytes))  # [s]
+          + network.transfer_seconds(ids, server, model_bytes, down_share=clients))  # [s]
 
 
 def _accepted(finish: jax.Array, valid: jax.Array, wait_for: int) -> tuple[jax.Array, jax.Array]:

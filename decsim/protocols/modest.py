@@ -390,7 +390,8 @@ def train_sample(settings: ModestSettings, learner: Learner, network: Network, s
   steps [s] (0 if not live), the time each finished training [s])."""
   r, ex = state.round, state.extra
   arrive = ex.agg_done[None, :] + search_seconds[None, :] + network.transfer_seconds(
-      ex.agg_ids[None, :], sample[:, None], settings.model_bytes)  # [s, a]
+      ex.agg_ids[None, :], sample[:, None], settings.model_bytes,
+      up_share=jnp.sum(live))  # [s, a]: each aggregator sends to every live participant
   first = jnp.argmin(arrive, axis=1)  # [s]
   start = jnp.min(arrive, axis=1)  # [s]
   params = jax.tree.map(lambda p: p[first], ex.agg_params)  # [s, ...]
@@ -407,10 +408,12 @@ def collect(settings: ModestSettings, network: Network, plan: RoundPlan,
   """Each aggregator takes the first ceil(sf * s) models to arrive (sent at
   ``sent_at [s]``). Returns (take [s, a] bool, done [a] time it had them, or waited a
   ping timeout in vain for the missing ones, n_sent [a] models sent to it)."""
-  arrival = sent_at[:, None] + network.transfer_seconds(
-      plan.sample[:, None], plan.agg_ids[None, :], settings.model_bytes)  # [s, a]
-  arrival = jnp.where(plan.sends, arrival, jnp.inf)
   n_sent = jnp.sum(plan.sends, axis=0, dtype=jnp.int32)  # [a]
+  uploads = jnp.sum(plan.chosen_ok, axis=1)  # [s] a participant sends to all it found
+  arrival = sent_at[:, None] + network.transfer_seconds(
+      plan.sample[:, None], plan.agg_ids[None, :], settings.model_bytes,
+      up_share=uploads[:, None], down_share=n_sent[None, :])  # [s, a]
+  arrival = jnp.where(plan.sends, arrival, jnp.inf)
   need = jnp.minimum(settings.wait_for, n_sent)  # [a]
   take = jnp.argsort(jnp.argsort(arrival, axis=0), axis=0) < need[None, :]  # [s, a]
   take &= jnp.isfinite(arrival)

@@ -140,7 +140,7 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
     finish = fedavg._finish_seconds(network, server, ids, steps * learner.batch_size,
-                                    2 * model_bytes)  # model and variate, both ways
+                                    2 * model_bytes, jnp.sum(valid))  # model and variate
     accepted, seconds = fedavg._accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
     weights = fedavg._client_weights(data.sizes[ids], weighting, accepted)  # [s]
     new_c_i = _option_two(c_i, extra.control, x, result.params,
