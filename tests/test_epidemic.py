@@ -311,3 +311,45 @@ def test_cli_run_writes_accuracy_and_consensus_accuracy(tmp_path, small):
   assert [r['round'] for r in rows] == [2, 4]
   assert all(0 <= r['accuracy'] <= 1 and 0 <= r['consensus_accuracy'] <= 1 for r in rows)
   assert rows[-1]['models_sent'] == 4 * 16 * 3
+
+
+# ------------------------------------------------------------------------------- the study
+
+
+@pytest.mark.parametrize('quick', [True, False])
+def test_study_runs_differ_in_protocol_only(quick):
+  from decsim.studies import epidemic as study
+  configs = study.configs(quick)
+  assert set(configs) == {'el_oracle', 'el_local', 'dpsgd'}
+  shared = [{k: v for k, v in dataclasses.asdict(c).items() if k != 'protocol'}
+            for c in configs.values()]
+  assert all(s == shared[0] for s in shared)  # same data, partition, network, seed, target
+  c = configs['dpsgd']
+  assert (c.topology, c.degree, c.el_fanout) == ('kregular', c.el_fanout, study.FANOUT)
+  if not quick:
+    assert (c.nodes, c.el_fanout, c.partition, c.alpha) == (96, 7, 'dirichlet', 0.1)
+
+
+def test_study_reads_targets_from_the_first_row_that_reaches_them():
+  from decsim.studies import epidemic as study
+  rows = [{'round': 5, 'accuracy': 0.5, 'sim_seconds': 2.0, 'node_steps': 100, 'bytes_total': 10},
+          {'round': 10, 'accuracy': 0.72, 'sim_seconds': 4.0, 'node_steps': 100, 'bytes_total': 20},
+          {'round': 15, 'accuracy': 0.7, 'sim_seconds': 6.0, 'node_steps': 100, 'bytes_total': 30}]
+  got = study.to_targets(rows, (0.6, 0.7, 0.8))
+  assert (got['rounds_to_0.6'], got['seconds_to_0.6'], got['node_steps_to_0.6'],
+          got['bytes_to_0.6']) == (10, 4.0, 200, 20)
+  assert got['rounds_to_0.7'] == 10 and got['rounds_to_0.8'] is None
+  assert got['node_steps_to_0.8'] is None
+
+
+@pytest.mark.slow
+def test_quick_epidemic_study_writes_table_and_plots(tmp_path):
+  from decsim import studies
+  runs = studies.get_study('epidemic')(tmp_path, quick=True)
+  study = json.loads((tmp_path / 'study.json').read_text())
+  assert study['study'] == 'epidemic' and list(study['runs']) == ['el_oracle', 'el_local', 'dpsgd']
+  for label, summary in runs.items():
+    assert summary['rounds'] == 6 and summary['final_accuracy'] > 0.1
+    assert (tmp_path / label / 'metrics.jsonl').exists()
+  assert (tmp_path / 'epidemic.png').stat().st_size > 0
+  assert (tmp_path / 'epidemic_consensus.png').stat().st_size > 0
