@@ -219,19 +219,6 @@ def test_offline_nodes_neither_train_send_nor_receive(el_config, protocol):
   assert int(metrics.active_nodes) == int(alive.sum())
 
 
-@pytest.mark.parametrize('protocol', ['el_oracle', 'el_local'])
-def test_bytes_count_s_models_per_online_node(el_config, protocol, tmp_path):
-  config = dataclasses.replace(el_config, protocol=protocol)
-  experiment.run(config, out_dir=tmp_path, log=lambda _: None)
-  exp_bytes = experiment.build(config).learner.model_bytes()
-  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  for row in rows:
-    per_round = config.nodes * config.el_fanout
-    assert row['models_sent'] == row['round'] * per_round
-    assert row['bytes_model'] == row['round'] * per_round * exp_bytes
-    assert {'accuracy', 'consensus_accuracy', 'accuracy_min'} <= set(row)
-
-
 @pytest.mark.parametrize('variant', ['oracle', 'local'])
 def test_simulated_time_counts_the_upload_of_s_models(el_config, variant):
   exp = experiment.build(el_config)
@@ -245,15 +232,24 @@ def test_simulated_time_counts_the_upload_of_s_models(el_config, variant):
   np.testing.assert_allclose(float(metrics.sim_seconds), want, rtol=1e-5)
 
 
-def test_round_compiles_once(el_config):
+def test_round_compiles_once_and_bytes_count_s_models_per_node(el_config, tmp_path):
   wrap = lambda p: Protocol(p.init, chex.assert_max_traces(p.round, n=1), p.model, p.node_models)
   for protocol in ('el_oracle', 'el_local'):
     chex.clear_trace_counter()  # both rounds have the same source: one counter
     config = dataclasses.replace(el_config, protocol=protocol, rounds=6, eval_every=2)
     exp = experiment.build(config)
+    model_bytes = exp.learner.model_bytes()
     simulate.run(wrap(exp.protocol), exp.data, exp.evaluate, key=jax.random.key(0), rounds=6,
                  eval_every=2, report=network_report(network.message_bytes(
-                     exp.learner.model_bytes(), config.nodes)), log=lambda _: None)
+                     model_bytes, config.nodes)), out_dir=tmp_path / protocol,
+                 log=lambda _: None)  # 3 chunks of 2 rounds: one trace in all
+    rows = [json.loads(line) for line in open(tmp_path / protocol / 'metrics.jsonl')]
+    assert [r['round'] for r in rows] == [0, 2, 4, 6]
+    per_round = config.nodes * config.el_fanout  # every node uploads s models a round
+    for row in rows:
+      assert row['models_sent'] == row['round'] * per_round
+      assert row['bytes_model'] == row['round'] * per_round * model_bytes
+      assert {'accuracy', 'consensus_accuracy', 'accuracy_min'} <= set(row)
 
 
 @pytest.mark.parametrize('protocol', ['el_oracle', 'el_local'])
@@ -308,7 +304,7 @@ def test_cli_run_writes_accuracy_and_consensus_accuracy(tmp_path, small):
               *(('--num_samples=2000', '--model=mlp') if small else ()), timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
-  assert [r['round'] for r in rows] == [2, 4]
+  assert [r['round'] for r in rows] == [0, 2, 4]  # round 0: the initial models
   assert all(0 <= r['accuracy'] <= 1 and 0 <= r['consensus_accuracy'] <= 1 for r in rows)
   assert rows[-1]['models_sent'] == 4 * 16 * 3
 

@@ -34,7 +34,8 @@ per receiver, and its upload link carries all of them (see ``round_seconds``).
 Deviations:
 
 * EL-Oracle's graph of round r is a uniformly random relabelling of one random
-  s-regular graph drawn on the host from ``--seed`` (``topology.kregular``; a
+  s-regular graph drawn on the host from the graph's seed (``--seed``, as D-PSGD's
+  ``--topology=kregular``; ``topology.kregular``; a
   perfect matching for s = 1), not an independent draw per round: a random
   s-regular graph cannot be drawn exactly under jit. Each round's graph is
   still uniformly distributed over the s-regular graphs (a uniform graph
@@ -275,7 +276,7 @@ def _spec(variant: str) -> registry.ProtocolSpec:
   def build(ctx: registry.BuildContext) -> Protocol:
     c = ctx.config
     return epidemic(ctx.learner, nodes=c.nodes, fanout=c.el_fanout, variant=variant,
-                    network=ctx.network, seed=c.seed, mixing_mode=c.mixing,
+                    network=ctx.network, seed=ctx.seeds.graph, mixing_mode=c.mixing,
                     variance_correction=ctx.variance_correction)
 
   title = {'oracle': 'a fresh random s-regular graph per round',
