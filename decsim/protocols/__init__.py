@@ -1,3 +1,4 @@
 """The built-in protocols; importing this package registers them (``registry``)."""
 
-from decsim.protocols import dpsgd, fedavg, fedprox, gossip, modest, scaffold  # noqa: F401 - registration
+from decsim.protocols import (dpsgd, epidemic, fedavg, fedprox, gossip, modest,  # noqa: F401
+                              scaffold)  # registration

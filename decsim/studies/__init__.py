@@ -15,6 +15,7 @@ STUDIES: dict[str, str] = {
     'variance': 'decsim.studies.variance:run',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
     'sapo': 'decsim.studies.sapo:run',
+    'epidemic': 'decsim.studies.epidemic:run',
 }
 
 
