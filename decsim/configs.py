@@ -65,6 +65,14 @@ class TrainConfig(Component):
   optimizer: str = option('sgd', 'Local optimiser.', choices=('sgd', 'adam'))
   lr: float = option(0.05, 'Local learning rate.', low=0, low_open=True)
   momentum: float = option(0.9, 'SGD momentum (0: plain SGD).', low=0, high=1, high_open=True)
+  lr_schedule: str = option('constant', 'Local learning rate by round (every protocol, and a '
+                            'resumed run, sees the same rate): constant, cosine (to 0 over '
+                            '--lr_decay_rounds) or step (x --lr_decay_factor every '
+                            '--lr_decay_rounds).', choices=('constant', 'cosine', 'step'))
+  lr_decay_rounds: int = option(0, 'Rounds of the cosine decay, or between two steps (0: '
+                                '--rounds).', low=0, hint='(0: --rounds)')
+  lr_decay_factor: float = option(0.1, 'Step schedule: factor of each step.', low=0, high=1,
+                                  low_open=True)
   node_chunk: int = option(-1, 'Nodes per vectorised chunk of local training: -1 auto (by model '
                            'on CPU, one vmap on GPU), 0 one vmap, k > 0 chunks of k.', low=-1,
                            hint='(-1: auto, 0: one vmap, k: chunks of k)')

@@ -31,7 +31,7 @@ from decsim.data import partition as partition_lib
 from decsim.data import sources
 from decsim.data.sampler import NodeData
 from decsim.errors import ConfigError  # noqa: F401 - part of this module's API (tests, users)
-from decsim.local import make_local_update, make_optimizer
+from decsim.local import learning_rate_scale, make_local_update, make_optimizer
 from decsim.models import ModelSpec, build_model
 from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol
@@ -141,9 +141,11 @@ def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset,
     tx = optax.chain(transform, tx)
   local_update = make_local_update(metrics_lib.make_loss_fn(apply_fn), tx, c.local_steps,
                                    c.batch_size, c.local_epochs or None)
+  lr_scale = learning_rate_scale(c.lr_schedule, c.lr, c.lr_decay_rounds or c.rounds,
+                                 c.lr_decay_factor)
   learner = Learner(init_params=init_params, tx=tx, local_update=local_update,
                     batch_size=c.batch_size, node_chunk=node_chunk(c, spec.cpu_node_chunk),
-                    independent_init=c.init == 'independent')
+                    independent_init=c.init == 'independent', lr_scale=lr_scale)
   return learner, apply_fn
 
 

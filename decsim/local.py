@@ -30,7 +30,9 @@ class LocalResult(NamedTuple):
 
 def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, local_steps: int,
                       batch_size: int, local_epochs: float | None = None):
-  """Builds ``update(params, opt_state, key, x, y, idx_row, size) -> LocalResult`` for one node.
+  """Builds ``update(params, opt_state, key, x, y, idx_row, size, lr_scale=None) ->
+  LocalResult`` for one node; ``lr_scale`` multiplies every update (the round's learning
+  rate over the base one, ``learning_rate_scale``).
 
   With ``local_epochs`` set, node n takes ``ceil(local_epochs * size_n / batch_size)``
   steps (its own share of data decides its work, as in FedAvg's E); the scan runs
@@ -40,7 +42,8 @@ def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, local_s
   grad_fn = jax.value_and_grad(loss_fn)
 
   def update(params: Params, opt_state: optax.OptState, key: PRNGKey, x: jax.Array,
-             y: jax.Array, idx_row: jax.Array, size: jax.Array) -> LocalResult:
+             y: jax.Array, idx_row: jax.Array, size: jax.Array,
+             lr_scale: jax.Array | None = None) -> LocalResult:
     max_len = idx_row.shape[0]  # L
     order = permutation(key, size, max_len)  # [L]
     if local_epochs is None:
@@ -54,6 +57,8 @@ def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, local_s
       ids = batch_ids(order, idx_row, size, t, batch_size)  # [B]
       loss, grads = grad_fn(params, x[ids], y[ids])
       updates, new_opt_state = tx.update(grads, opt_state, params)
+      if lr_scale is not None:  # SGD (momentum included) and Adam: the lr scales the update
+        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
       new_params = optax.apply_updates(params, updates)
       if local_epochs is not None:  # nodes with less data stop early
         active = t < steps
@@ -88,6 +93,22 @@ def map_nodes(fn: Callable, node_chunk: int = 0) -> Callable:
     return jax.lax.map(lambda a: fn(*a), args, batch_size=node_chunk)
 
   return mapped
+
+
+def learning_rate_scale(schedule: str, lr: float, decay_rounds: int, decay_factor: float
+                        ) -> Callable[[jax.Array], jax.Array] | None:
+  """``round -> lr(round) / lr`` of an optax schedule indexed by round, or None for a
+  constant rate (local training then does not scale at all)."""
+  if schedule == 'constant':
+    return None
+  if schedule == 'cosine':
+    rate = optax.cosine_decay_schedule(lr, decay_steps=decay_rounds)
+  elif schedule == 'step':
+    rate = optax.exponential_decay(lr, transition_steps=decay_rounds, decay_rate=decay_factor,
+                                   staircase=True)
+  else:
+    raise ValueError(f'unknown lr schedule {schedule!r}: choose constant, cosine or step')
+  return lambda round_: rate(round_) / lr
 
 
 def make_optimizer(name: str, lr: float, momentum: float = 0.0) -> optax.GradientTransformation:

@@ -93,3 +93,50 @@ def test_single_node_fedavg_equals_plain_optax(tiny_config):
       params = optax.apply_updates(params, updates)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exp.protocol.model(state))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('schedule,optimizer', [('cosine', 'sgd'), ('step', 'adam')])
+def test_lr_schedule_scales_the_rounds_update_by_its_rate(tiny_config, schedule, optimizer):
+  """One local step from the same state: the update of round r with --lr_schedule is the
+  constant-rate update times lr(r) / lr, with lr(r) the optax schedule at r (not at the
+  optimiser's step count, so every protocol and a resumed run see the same rate)."""
+  config = dataclasses.replace(tiny_config, model='logistic', optimizer=optimizer, momentum=0.0,
+                               local_steps=1, lr=0.1, rounds=40, lr_schedule=schedule,
+                               lr_decay_rounds=10, lr_decay_factor=0.5)
+  exp, params, opt, keys = _setup(config)
+  constant = experiment.build(dataclasses.replace(config, lr_schedule='constant')).learner
+  rate = {'cosine': optax.cosine_decay_schedule(0.1, 10),
+          'step': optax.exponential_decay(0.1, 10, 0.5, staircase=True)}[schedule]
+  rows = jnp.arange(6)
+  base = jax.tree.map(lambda a, b: a - b, train_nodes(constant, params, opt, keys, exp.data,
+                                                      rows).params, params)
+  for r in (0, 3, 10, 25):
+    moved = jax.tree.map(lambda a, b: a - b, train_nodes(exp.learner, params, opt, keys,
+                                                         exp.data, rows, r).params, params)
+    for m, b in zip(jax.tree.leaves(moved), jax.tree.leaves(base)):
+      np.testing.assert_allclose(m, b * float(rate(r)) / 0.1, rtol=2e-4, atol=1e-7)
+  with pytest.raises(ValueError, match='pass round_'):
+    train_nodes(exp.learner, params, opt, keys, exp.data, rows)
+
+
+@pytest.mark.parametrize('protocol', ['fedavg', 'scaffold', 'dpsgd', 'gossip', 'modest',
+                                      'el_oracle'])
+def test_every_protocol_trains_at_the_rounds_rate(tiny_config, protocol):
+  """Each protocol passes its round to local training: a decayed run's first round equals
+  the constant run's (lr(0) = lr), and a step to zero-ish rate stops the models moving."""
+  config = dataclasses.replace(tiny_config, protocol=protocol, nodes=8, sample_size=4, degree=2,
+                               model='logistic', optimizer='sgd', momentum=0.0, local_steps=1,
+                               el_fanout=2, lr_schedule='step', lr_decay_rounds=1,
+                               lr_decay_factor=1e-30)
+  exp = experiment.build(config)
+  state = jax.jit(exp.protocol.init)(jax.random.key(0), exp.data)
+  step = jax.jit(exp.protocol.round)
+  first, _ = step(state, exp.data)
+  plain = experiment.build(dataclasses.replace(config, lr_schedule='constant'))
+  same, _ = jax.jit(plain.protocol.round)(state, plain.data)
+  for a, b in zip(jax.tree.leaves(first.nodes.params), jax.tree.leaves(same.nodes.params)):
+    np.testing.assert_array_equal(a, b)
+  second, _ = step(first, exp.data)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(exp.protocol.model(second)), jax.tree.leaves(exp.protocol.model(first))))
+  assert moved < 1e-6  # round 1 trains at lr * 1e-30; these merges keep the node mean

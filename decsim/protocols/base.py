@@ -49,6 +49,9 @@ class Learner:
   batch_size: int  # samples per local step, for simulated compute time
   node_chunk: int = 0  # see local.map_nodes
   independent_init: bool = False  # every node its own draw (gossip setting)
+  # round -> the round's learning rate over the base one (local.learning_rate_scale);
+  # None: constant. Protocols pass the round to ``train_nodes``.
+  lr_scale: Callable[[jax.Array], jax.Array] | None = None
 
   def model_bytes(self) -> int:
     shapes = jax.eval_shape(self.init_params, jax.random.key(0))
@@ -73,12 +76,17 @@ def init_params(learner: Learner, key: PRNGKey, n: int) -> Stacked:
 
 
 def train_nodes(learner: Learner, params: Stacked, opt_state: optax.OptState, keys: PRNGKey,
-                data: NodeData, rows: jax.Array | None = None) -> LocalResult:
-  """Local update of the nodes in ``rows`` (all nodes when None); leaves [len(rows), ...]."""
+                data: NodeData, rows: jax.Array | None = None,
+                round_: jax.Array | None = None) -> LocalResult:
+  """Local update of the nodes in ``rows`` (all nodes when None); leaves [len(rows), ...].
+  ``round_`` (the round being run) sets the learning rate of a schedule."""
   idx, sizes = (data.idx, data.sizes) if rows is None else (data.idx[rows], data.sizes[rows])
+  if learner.lr_scale is not None and round_ is None:
+    raise ValueError('train_nodes: this learner has a learning-rate schedule; pass round_')
+  scale = None if learner.lr_scale is None else learner.lr_scale(round_)
 
   def one(p, o, k, idx_row, size):
-    return learner.local_update(p, o, k, data.x, data.y, idx_row, size)
+    return learner.local_update(p, o, k, data.x, data.y, idx_row, size, scale)
 
   return map_nodes(one, learner.node_chunk)(params, opt_state, keys, idx, sizes)
 

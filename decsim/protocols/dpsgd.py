@@ -57,7 +57,8 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, alive = state.round, state.available  # alive [N]
     keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
-    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data)
+    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
+                         round_=r)
     keep_alive = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     params = jax.tree.map(keep_alive, result.params, state.nodes.params)
     opt_state = jax.tree.map(keep_alive, result.opt_state, state.nodes.opt_state)

@@ -253,7 +253,8 @@ def epidemic(learner: Learner, *, nodes: int, fanout: int = PAPER_FANOUT, varian
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, alive = state.round, state.available  # alive [N]
     keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
-    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data)
+    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
+                         round_=r)
     keep = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     params = jax.tree.map(keep, result.params, state.nodes.params)
     opt_state = jax.tree.map(keep, result.opt_state, state.nodes.opt_state)

@@ -132,7 +132,7 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     params = broadcast(state.extra.global_params, sample_size)
     opt_state = jax.vmap(learner.tx.init)(params)
     keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
-    result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
+    result = train_nodes(learner, params, opt_state, keys, data, rows=ids, round_=r)
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
     n_valid = jnp.sum(valid, dtype=jnp.int32)

@@ -498,7 +498,8 @@ def merge_and_train(settings: GossipSettings, learner: Learner, state: SimState,
   if settings.vc is not None:
     merged = mixing.variance_correct(merged, target, settings.vc, where=row_ok)
   keys = node_keys(state.key, state.round, ids, Stream.BATCH)  # [R]
-  result = train_nodes(learner, merged, take_rows(opt_state, ids), keys, data, rows=ids)
+  result = train_nodes(learner, merged, take_rows(opt_state, ids), keys, data, rows=ids,
+                       round_=state.round)
   steps = jnp.where(row_ok, result.steps, 0)  # [R]
   new_age = new_age + (steps * learner.batch_size).astype(jnp.float32)[:, None]
   scatter = jnp.where(row_ok, ids, settings.nodes)  # non-acting rows are dropped

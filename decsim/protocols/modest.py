@@ -397,7 +397,7 @@ def train_sample(settings: ModestSettings, learner: Learner, network: Network, s
   params = jax.tree.map(lambda p: p[first], ex.agg_params)  # [s, ...]
   opt_state = jax.vmap(learner.tx.init)(params)
   result = train_nodes(learner, params, opt_state, node_keys(state.key, r, sample, Stream.BATCH),
-                       data, rows=sample)
+                       data, rows=sample, round_=r)
   steps = jnp.where(live, result.steps, 0)
   trained = start + network.compute_seconds(sample, steps * learner.batch_size)  # [s]
   return result, steps, trained

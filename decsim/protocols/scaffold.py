@@ -136,7 +136,7 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
     c_i = jax.tree.map(lambda v: v[ids], extra.client_controls)  # [s, ...]
     opt_state = _client_opt_state(learner.tx, params, extra.control, c_i)
     keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
-    result = train_nodes(learner, params, opt_state, keys, data, rows=ids)
+    result = train_nodes(learner, params, opt_state, keys, data, rows=ids, round_=r)
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
     finish = fedavg._finish_seconds(network, server, ids, steps * learner.batch_size,
@@ -144,7 +144,7 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
     accepted, seconds = fedavg._accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
     weights = fedavg._client_weights(data.sizes[ids], weighting, accepted)  # [s]
     new_c_i = _option_two(c_i, extra.control, x, result.params,
-                          effective_steps(steps, momentum) * lr)  # [s, ...]
+                          effective_steps(steps, momentum) * _lr_at(learner, lr, r))  # [s, ...]
     extra = ScaffoldState(
         server=fedavg._aggregate(config, extra.server, result.params, weights, accepted).replace(
             clients=jnp.where(valid, ids, nodes)),
@@ -221,6 +221,11 @@ def _option_two(c_i: Stacked, c: Params, x: Params, y: Stacked, lr_steps: jax.Ar
     return jnp.where(took[per], new, ci).astype(ci.dtype)
 
   return jax.tree.map(one, c_i, c, x, y)
+
+
+def _lr_at(learner: Learner, lr: float, round_: jax.Array) -> jax.Array:
+  """The local learning rate of ``round_`` (``--lr_schedule``), which option II divides by."""
+  return jnp.float32(lr) if learner.lr_scale is None else lr * learner.lr_scale(round_)
 
 
 def _metrics(loss: jax.Array, valid: jax.Array, steps: jax.Array,

@@ -25,7 +25,8 @@ def local_only(learner: decsim.Learner, nodes: int, network: decsim.Network) -> 
   def round_(state, data):
     alive = state.available  # [N] bool, set by the churn schedule
     keys = decsim.node_keys(state.key, state.round, jnp.arange(nodes), decsim.Stream.BATCH)
-    result = base.train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data)
+    result = base.train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
+                              round_=state.round)
     keep = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     params = jax.tree.map(keep, result.params, state.nodes.params)
     opt_state = jax.tree.map(keep, result.opt_state, state.nodes.opt_state)
