@@ -12,14 +12,16 @@ from decsim import studies
 from decsim.studies import common, modest
 
 PROTOCOL_FIELDS = {'protocol', 'topology', 'aggregators', 'success_fraction', 'weighting',
-                   'rounds'}
+                   'rounds', 'replicas', 'modest_stream'}
 
 
 @pytest.mark.parametrize('quick', [True, False])
 def test_modest_study_compares_protocols_on_identical_settings(quick):
   configs = modest.modest_configs(quick)
   assert any('fl' in k for k in configs) and any('dpsgd' in k for k in configs)
-  assert sum('modest' in k for k in configs) == 2
+  assert sum(c.protocol == 'modest' for c in configs.values()) == 3
+  assert configs['modest_independent_3'].modest_stream == 'independent'
+  assert configs['fl_3'].replicas == configs['modest_independent_3'].replicas == (1 if quick else 3)
   shared = [{k: v for k, v in dataclasses.asdict(c).items() if k not in PROTOCOL_FIELDS}
             for c in configs.values()]
   assert all(s == shared[0] for s in shared)  # same data, partition, network, target, seed
@@ -27,10 +29,11 @@ def test_modest_study_compares_protocols_on_identical_settings(quick):
 
 
 def test_churn_study_follows_the_paper_schedule():
-  crash, join = modest.churn_configs(False).values()
+  crash, crash_a3, join = modest.churn_configs(False).values()
   assert (crash.crash_start_seconds, crash.crash_every_seconds, crash.crash_batch,
           crash.crash_fraction) == (300, 60, 5, 0.8)
-  assert (crash.success_fraction, crash.ping_timeout, crash.inactivity_threshold) == (0.8, 2.0, 20)
+  assert (crash.success_fraction, crash.ping_timeout, crash.inactivity_threshold) == (0.8, 5.0, 1000)
+  assert not crash.mark_down and (crash.aggregators, crash_a3.aggregators) == (1, 3)
   assert (join.nodes - join.join_nodes, join.join_nodes, join.join_every_seconds) == (90, 10, 60)
 
 
