@@ -55,12 +55,12 @@ def test_sharded_round_matches_one_device_on_8_fake_devices(cases):
     # The state really is split: 16 nodes, 2 rows on each of the 8 devices.
     assert r['placement'] == {'spec': "P('nodes',)", 'rows_per_device': [2],
                               'idx_rows_per_device': [2], 'shards': 8}, r['case']
-    assert len(r['one']) == len(r['many']) == 2
+    assert len(r['one']) == len(r['many']) == 3  # rounds 0, 2 and 4
     for one, many in zip(r['one'], r['many']):
       assert one.keys() == many.keys()
       bad = {k: (one[k], many[k]) for k in one if not _close(one[k], many[k])}
       assert not bad, (r['case'], bad)
-    assert r['one'][-1]['train_loss'] < r['one'][0]['train_loss'] + 1.0  # a real run
+    assert r['one'][-1]['train_loss'] < r['one'][1]['train_loss'] + 1.0  # a real run
 
 
 @pytest.mark.parametrize('requested,nodes,available,named', [
