@@ -146,3 +146,21 @@ def test_cli_writes_node_and_consensus_accuracy(tmp_path):
   rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
   assert [r['round'] for r in rows] == [0, 2, 4]
   assert all('accuracy' in r and 'consensus_accuracy' in r for r in rows)
+
+
+def test_offline_nodes_neither_train_send_nor_receive(tiny_config):
+  c = _config(tiny_config, compression='randk', compression_ratio=0.2, choco_gamma=0.5)
+  exp = experiment.build(c)
+  round_ = jax.jit(chex.assert_max_traces(exp.protocol.round, n=1))
+  state = exp.protocol.init(jax.random.key(0), exp.data)
+  state, _ = round_(state, exp.data)  # one round with everyone: x̂ != 0
+  offline = jnp.arange(c.nodes) < 2  # nodes 0 and 1 go offline
+  before = state.replace(available=~offline)
+  after, metrics = round_(before, exp.data)
+  for old, new in [(before.nodes.params, after.nodes.params), (before.extra, after.extra)]:
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+      np.testing.assert_array_equal(a[:2], b[:2])  # offline rows untouched
+      assert not np.array_equal(a[2:], b[2:])  # the live ones moved
+  np.testing.assert_array_equal(after.sent[:2], before.sent[:2])
+  assert int(metrics.active_nodes) == c.nodes - 2
+  assert int(metrics.messages[MODEL]) < c.nodes * c.degree  # no message to or from 0 and 1
