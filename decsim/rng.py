@@ -46,6 +46,7 @@ class Stream(enum.IntEnum):
   CHURN = 5  # availability draws
   GOSSIP = 6  # gossip wake-up jitter
   MODEST = 7  # MoDeST hash ranking with --modest_stream=independent
+  COMPRESS = 8  # random compression operators (randk, qsgd) of each node's messages
   TASK = 10  # RL: the questions each node samples (decsim.rl)
   ROLLOUT = 11  # RL: the completions each node generates (decsim.rl)
 
