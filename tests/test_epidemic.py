@@ -257,6 +257,7 @@ def test_round_compiles_once_and_bytes_count_s_models_per_node(el_config, tmp_pa
       assert {'accuracy', 'consensus_accuracy', 'accuracy_min'} <= set(row)
 
 
+@pytest.mark.slow  # determinism of every run is tested by the resume tests
 @pytest.mark.parametrize('protocol', ['el_oracle', 'el_local'])
 def test_rounds_are_deterministic_in_the_run_key(el_config, protocol):
   exp, step = _built(dataclasses.replace(el_config, protocol=protocol))

@@ -119,8 +119,12 @@ def test_lr_schedule_scales_the_rounds_update_by_its_rate(tiny_config, schedule,
     train_nodes(exp.learner, params, opt, keys, exp.data, rows)
 
 
-@pytest.mark.parametrize('protocol', ['fedavg', 'scaffold', 'dpsgd', 'gossip', 'modest',
-                                      'el_oracle'])
+SLOW = pytest.mark.slow  # CI keeps one sampled and one decentralized protocol
+
+
+@pytest.mark.parametrize('protocol', ['fedavg', 'dpsgd', *(pytest.param(p, marks=SLOW) for p in
+                                                            ('scaffold', 'gossip', 'modest',
+                                                             'el_oracle'))])
 def test_every_protocol_trains_at_the_rounds_rate(tiny_config, protocol):
   """Each protocol passes its round to local training: a decayed run's first round equals
   the constant run's (lr(0) = lr), and a step to zero-ish rate stops the models moving."""

@@ -112,7 +112,7 @@ def P_lists(part):
   return P.to_lists(part)
 
 
-@pytest.mark.parametrize('protocol,p_online', [('fedavg', 1.0), ('modest', 0.5)])
+@pytest.mark.parametrize('protocol,p_online', [('fedavg', 1.0), ('modest', 0.25)])
 def test_client_accuracy_scores_the_models_the_last_rounds_clients_trained(tiny_config,
                                                                            protocol, p_online):
   """FedAvg and MoDeST: ``accuracy`` is the delivered model; ``client_accuracy`` and its
@@ -125,7 +125,7 @@ def test_client_accuracy_scores_the_models_the_last_rounds_clients_trained(tiny_
   changed = [i for i in range(12) if any(
       not np.array_equal(a[i], b[i]) for a, b in zip(jax.tree.leaves(state.nodes.params),
                                                      jax.tree.leaves(before.nodes.params)))]
-  assert 0 < len(changed) <= 6 and (p_online == 1.0) == (len(changed) == 6)
+  assert 0 < len(changed) == min(6, int(np.sum(state.available)))  # offline draws drop out
   own = _per_node(exp, state.nodes.params, changed)[:, 0]
   row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
   assert row['client_accuracy'] == pytest.approx(own.mean(), abs=1e-6)

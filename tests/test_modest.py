@@ -302,7 +302,8 @@ def test_independent_stream_draws_other_samples_than_fedavg():
   assert set(np.asarray(own).tolist()) != set(np.asarray(shared).tolist())
 
 
-@pytest.mark.parametrize('protocol', ['fedavg', 'modest', 'dpsgd'])
+@pytest.mark.parametrize('protocol', ['modest', 'dpsgd',
+                                      pytest.param('fedavg', marks=pytest.mark.slow)])
 def test_rows_report_the_mean_participants_per_round(tmp_path, protocol):
   """``participants`` = nodes that trained, the mean over the row's rounds: s for FedAvg
   and MoDeST with everyone online, N for D-PSGD; null at round 0."""
