@@ -15,6 +15,7 @@ import optax
 
 from decsim.data.sampler import NodeData
 from decsim.local import LocalResult, map_nodes
+from decsim.rng import Stream, node_keys
 from decsim.state import RoundMetrics, SimState
 from decsim.types import Params, PRNGKey, Stacked
 
@@ -89,6 +90,25 @@ def train_nodes(learner: Learner, params: Stacked, opt_state: optax.OptState, ke
     return learner.local_update(p, o, k, data.x, data.y, idx_row, size, scale)
 
   return map_nodes(one, learner.node_chunk)(params, opt_state, keys, idx, sizes)
+
+
+def where_alive(alive: jax.Array, new, old):
+  """Rows of ``new`` where ``alive [N]``, of ``old`` elsewhere (leaves [N, ...])."""
+  pick = lambda a, b: jnp.where(alive.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(pick, new, old)
+
+
+def train_online(learner: Learner, state: SimState, data: NodeData, nodes: int
+                 ) -> tuple[Stacked, optax.OptState, LocalResult]:
+  """Every node's local update of round ``state.round`` (decentralized protocols): the
+  online nodes' new models and optimiser states, the offline ones' unchanged, and the
+  local result (leaves [N, ...])."""
+  keys = node_keys(state.key, state.round, jnp.arange(nodes), Stream.BATCH)  # [N]
+  result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
+                       round_=state.round)
+  alive = state.available  # [N]
+  return (where_alive(alive, result.params, state.nodes.params),
+          where_alive(alive, result.opt_state, state.nodes.opt_state), result)
 
 
 def sample_available(key: PRNGKey, available: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:

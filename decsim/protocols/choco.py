@@ -49,7 +49,8 @@ from decsim.data.sampler import NodeData
 from decsim.network import (MODEL, Network, message_bytes, model_messages,
                             uniform_network)
 from decsim.protocols import registry
-from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
+from decsim.protocols.base import (Learner, Protocol, init_params, node_average, train_online,
+                                  where_alive)
 from decsim.protocols.dpsgd import _barrier_seconds, _models_sent_per_node
 from decsim.rng import Stream, node_keys
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
@@ -85,11 +86,7 @@ def choco(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, alive = state.round, state.available  # alive [N]
-    keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
-    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
-                         round_=r)
-    params = _where_alive(alive, result.params, state.nodes.params)
-    opt_state = _where_alive(alive, result.opt_state, state.nodes.opt_state)
+    params, opt_state, result = train_online(learner, state, data, nodes)
 
     graph = mixing.renormalize(topology_at(r), alive)
     params, public = _consensus(graph, params, state.extra, alive, compress, gamma,
@@ -118,18 +115,12 @@ def choco(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
   return Protocol(init, round_, model, node_models=lambda state: state.nodes.params)
 
 
-def _where_alive(alive: jax.Array, new, old):
-  """Rows of ``new`` where ``alive [N]``, of ``old`` elsewhere (leaves [N, ...])."""
-  pick = lambda a, b: jnp.where(alive.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-  return jax.tree.map(pick, new, old)
-
-
 def _consensus(graph: Topology, params, public, alive: jax.Array, compress, gamma: float,
                keys: PRNGKey, mixing_mode: str):
   """Steps 2-4: q = Q(x - x̂) of the live nodes, x̂ += q, x += gamma (W x̂ - x̂).
   Returns ``(params, public)``, leaves [N, ...]."""
   diff = jax.tree.map(lambda x, h: x - h, params, public)  # [N, ...]
-  q = _where_alive(alive, compress(keys, diff), jax.tree.map(jnp.zeros_like, diff))  # [N, ...]
+  q = where_alive(alive, compress(keys, diff), jax.tree.map(jnp.zeros_like, diff))  # [N, ...]
   public = jax.tree.map(lambda h, d: h + d, public, q)  # [N, ...]
   mixed = mixing.mix(graph, public, mixing_mode)  # [N, ...] sum_j w_ij x̂_j
   # Rows of W sum to 1, so sum_j w_ij (x̂_j - x̂_i) = (W x̂)_i - x̂_i; offline rows are e_i.

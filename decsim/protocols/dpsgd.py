@@ -24,8 +24,8 @@ from decsim.aggregation import MergeFn, mixing_merge
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, model_messages, uniform_network
 from decsim.protocols import registry
-from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
-from decsim.rng import Stream, node_keys
+from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_online
+from decsim.rng import Stream
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.topology import Topology
 from decsim.types import Params, PRNGKey
@@ -56,12 +56,7 @@ def dpsgd(learner: Learner, *, nodes: int, topology: Topology | TopologyFn,
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, alive = state.round, state.available  # alive [N]
-    keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
-    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
-                         round_=r)
-    keep_alive = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    params = jax.tree.map(keep_alive, result.params, state.nodes.params)
-    opt_state = jax.tree.map(keep_alive, result.opt_state, state.nodes.opt_state)
+    params, opt_state, result = train_online(learner, state, data, nodes)
 
     graph = mixing.renormalize(topology_at(r), alive)
     # With variance_correction, each live node's layers are rescaled after mixing

@@ -73,8 +73,8 @@ from decsim.config import Component, check, option
 from decsim.data.sampler import NodeData
 from decsim.network import MODEL, Network, model_messages, uniform_network
 from decsim.protocols import registry
-from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_nodes
-from decsim.rng import Stream, node_keys, round_key
+from decsim.protocols.base import Learner, Protocol, init_params, node_average, train_online
+from decsim.rng import Stream, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.topology import Topology
 from decsim.types import PRNGKey, Stacked
@@ -252,12 +252,7 @@ def epidemic(learner: Learner, *, nodes: int, fanout: int = PAPER_FANOUT, varian
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, alive = state.round, state.available  # alive [N]
-    keys = node_keys(state.key, r, jnp.arange(nodes), Stream.BATCH)  # [N]
-    result = train_nodes(learner, state.nodes.params, state.nodes.opt_state, keys, data,
-                         round_=r)
-    keep = lambda new, old: jnp.where(alive.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    params = jax.tree.map(keep, result.params, state.nodes.params)
-    opt_state = jax.tree.map(keep, result.opt_state, state.nodes.opt_state)
+    params, opt_state, result = train_online(learner, state, data, nodes)
     params, dst, valid = exchange(state.key, r, params, alive)  # dst, valid [N, k]
     sent = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [N] models each node uploaded
     steps = jnp.where(alive, result.steps, 0)  # [N]

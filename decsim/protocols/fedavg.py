@@ -265,16 +265,20 @@ def check_sampled(c) -> None:
         '(one model travels between clients); drop --init or use a decentralized protocol')
 
 
-def build(ctx: registry.BuildContext, learner: Learner | None = None) -> Protocol:
-  """FedAvg from an experiment config; the server sits on the lowest-median-latency node."""
+def server_options(ctx: registry.BuildContext) -> dict:
+  """FedAvg's keyword arguments from an experiment config, shared by the protocols built
+  on its server (FedProx, SCAFFOLD); the server sits on the lowest-median-latency node."""
   c = ctx.config
-  return fedavg(learner or ctx.learner, nodes=c.nodes, sample_size=c.sample_size,
-                weighting=c.weighting, network=ctx.network,
-                server=lowest_median_latency_node(ctx.network),
-                success_fraction=c.success_fraction,
-                variance_correction=ctx.variance_correction,
-                aggregator=aggregation.make_aggregator(c.aggregator, c.trim_fraction),
-                server_optimizer=c.server())
+  return dict(nodes=c.nodes, sample_size=c.sample_size, weighting=c.weighting,
+              network=ctx.network, server=lowest_median_latency_node(ctx.network),
+              success_fraction=c.success_fraction, variance_correction=ctx.variance_correction,
+              aggregator=aggregation.make_aggregator(c.aggregator, c.trim_fraction),
+              server_optimizer=c.server())
+
+
+def build(ctx: registry.BuildContext, learner: Learner | None = None) -> Protocol:
+  """FedAvg from an experiment config."""
+  return fedavg(learner or ctx.learner, **server_options(ctx))
 
 
 registry.register(registry.ProtocolSpec(

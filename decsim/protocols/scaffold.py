@@ -61,7 +61,7 @@ from decsim import aggregation, mixing
 from decsim.aggregation import Aggregator, ServerOptimizer
 from decsim.config import check
 from decsim.data.sampler import NodeData
-from decsim.network import (Network, lowest_median_latency_node, message_bytes, model_messages,
+from decsim.network import (Network, message_bytes, model_messages,
                             uniform_network)
 from decsim.protocols import fedavg, registry
 from decsim.protocols.base import (Learner, Protocol, broadcast, rows_of, sample_available,
@@ -265,13 +265,8 @@ def build(ctx: registry.BuildContext) -> Protocol:
   """SCAFFOLD from an experiment config: FedAvg's server and options, the correction
   chained before the local optimiser."""
   c = ctx.config
-  return scaffold(ctx.learner_with(correction()), nodes=c.nodes, sample_size=c.sample_size,
-                  lr=c.lr, momentum=c.momentum, weighting=c.weighting, network=ctx.network,
-                  server=lowest_median_latency_node(ctx.network),
-                  success_fraction=c.success_fraction,
-                  variance_correction=ctx.variance_correction,
-                  aggregator=aggregation.make_aggregator(c.aggregator, c.trim_fraction),
-                  server_optimizer=c.server())
+  return scaffold(ctx.learner_with(correction()), lr=c.lr, momentum=c.momentum,
+                  **fedavg.server_options(ctx))
 
 
 registry.register(registry.ProtocolSpec(
