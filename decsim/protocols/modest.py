@@ -26,8 +26,9 @@ it pays its timeout.
 
 - ``views='global'`` (default, fast): one shared record per node stands for all
   views. An online node is seen active every round, a timed-out ping (with
-  ``mark_down``) marks its target down at once for everybody, and membership
-  changes are visible the next round.
+  ``mark_down``) marks its target down at once for everybody, a graceful leave is
+  seen at once (the reference's leaver tells 10 s peers) and a join from the next
+  round on (the reference holds it pending until the receiver's next send).
 - ``views='local'``: every node's own view, an ``[N, N]`` matrix (for N up to a
   few thousand). A node knows its own record; participants merge the views of
   the aggregates they receive, mark their own timed-out pings, and send their
