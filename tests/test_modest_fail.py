@@ -2,6 +2,8 @@
 that crashes before delivering, and the participants' re-forwarding after a failed
 round (``decsim.protocols.modest``, module docstring)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,26 +56,31 @@ def run(learner, data, aggregators, times, rounds=2):
   return states, metrics
 
 
-def crash_one_aggregator(learner, data, aggregators):
-  """Runs once without crashes to learn round 0's first aggregator and when its aggregate
-  is ready, then again with that node crashing just before: it has received the models
-  but never aggregates or delivers. Returns (the node, states, metrics)."""
-  healthy, _ = run(learner, data, aggregators, np.full(NODES, np.inf), rounds=1)
-  node = int(healthy[0].extra.agg_ids[0])
+def crash_one_aggregator(learner, data, aggregators, healthy):
+  """From a run without crashes (``healthy``: states, metrics), round 0's first aggregator
+  and when its aggregate is ready; runs again with that node crashing just before: it has
+  received the models but never aggregates or delivers. Returns (the node, states,
+  metrics)."""
+  node = int(healthy[0][0].extra.agg_ids[0])
   times = np.full(NODES, np.inf)
-  times[node] = float(healthy[0].extra.agg_done[0]) - 1e-3
+  times[node] = float(healthy[0][0].extra.agg_done[0]) - 1e-3
   states, metrics = run(learner, data, aggregators, times)
   return node, states, metrics
 
 
 @pytest.fixture(scope='module')
-def three(setup):
-  return crash_one_aggregator(*setup, aggregators=3)
+def healthy_one(setup):
+  return run(*setup, 1, np.full(NODES, np.inf), rounds=1)
 
 
 @pytest.fixture(scope='module')
-def one(setup):
-  return crash_one_aggregator(*setup, aggregators=1)
+def three(setup):
+  return crash_one_aggregator(*setup, 3, run(*setup, 3, np.full(NODES, np.inf), rounds=1))
+
+
+@pytest.fixture(scope='module')
+def one(setup, healthy_one):
+  return crash_one_aggregator(*setup, 1, healthy_one)
 
 
 def test_with_three_aggregators_one_crash_costs_nothing(three):
@@ -103,12 +110,12 @@ def test_with_one_aggregator_the_round_fails_and_its_participants_re_forward(one
   assert node not in np.asarray(states[1].extra.participants).tolist()
 
 
-def test_re_forwarded_aggregate_is_the_mean_of_the_live_participants_models(setup):
+def test_re_forwarded_aggregate_is_the_mean_of_the_live_participants_models(setup, one):
   """With sf = 1 round 0's aggregate is the mean of its participants' trained models (node
   rows); after the aggregator's crash, ``reforward`` rebuilds the mean of those still
   up, held by the first live node of the sample, ready a timeout after the last send."""
-  learner, data = setup
-  node, states, _ = crash_one_aggregator(learner, data, 1)
+  learner, _ = setup
+  node, states, _ = one
   state = states[0]
   part = np.asarray(state.extra.participants)
   times = np.full(NODES, np.inf)
@@ -119,8 +126,9 @@ def test_re_forwarded_aggregate_is_the_mean_of_the_live_participants_models(setu
   settings = protocol.init.args[0]  # the run's static ModestSettings
   sample = jnp.asarray([7, 3, 9, 1], jnp.int32)
   live = jnp.asarray([False, True, True, True])
-  recovered, senders = modest_lib.reforward(
-      settings, net, modest_lib.aggregate, state.replace(available=jnp.asarray(times > 1e9)),
+  reforward = jax.jit(functools.partial(modest_lib.reforward, settings, net, modest_lib.aggregate))
+  recovered, senders = reforward(
+      state.replace(available=jnp.asarray(times > 1e9)),
       jnp.asarray(np.where(np.arange(NODES) == node, 0.0, np.inf), jnp.float32), sample, live)
   up = part[part != node]
   assert int(jnp.sum(senders)) == len(up)
@@ -131,12 +139,13 @@ def test_re_forwarded_aggregate_is_the_mean_of_the_live_participants_models(setu
   assert float(recovered.agg_done[0]) >= float(state.extra.sent_at) + TIMEOUT
 
 
-def test_a_participant_that_crashes_while_training_sends_nothing(setup):
+@pytest.mark.slow
+def test_a_participant_that_crashes_while_training_sends_nothing(setup, healthy_one):
   """sf = 1, no crash: every aggregator gets S models. One participant crashes in the
   middle of its training: the aggregator gets S - 1, waits a ping timeout in vain, and the
   crashed node does not count as trained."""
   learner, data = setup
-  healthy, hm = run(learner, data, 1, np.full(NODES, np.inf), rounds=1)
+  healthy, hm = healthy_one
   victim = int(np.asarray(healthy[0].extra.participants)[0])
   times = np.full(NODES, np.inf)
   times[victim] = 0.1  # training: 0.03 s to 0.23 s (2 steps x 10 samples at 100/s)
@@ -153,6 +162,6 @@ def test_crash_times_match_the_crash_schedule():
   crash_time = np.asarray(avail(jax.random.key(0), 0, jnp.float32(0)).crash_time)
   assert np.isinf(crash_time).sum() == 20
   clocks = np.concatenate([np.arange(0, 1500, 7.3), 300.0 + 60.0 * np.arange(17)])
-  for clock in clocks:
-    online = np.asarray(avail(jax.random.key(0), 0, jnp.float32(clock)).online)
-    np.testing.assert_array_equal(online, clock < crash_time)
+  online = jax.jit(jax.vmap(lambda t: avail(jax.random.key(0), 0, t).online))(
+      jnp.asarray(clocks, jnp.float32))  # [clocks, N]
+  np.testing.assert_array_equal(online, clocks[:, None] < crash_time[None, :])
