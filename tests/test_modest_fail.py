@@ -4,6 +4,7 @@ round (``decsim.protocols.modest``, module docstring)."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +48,7 @@ def run(learner, data, aggregators, times, rounds=2):
              reforward_timeout=TIMEOUT, network=NET,
              availability=avail), avail)
   state = protocol.init(jax.random.key(0), data)
-  step = jax.jit(protocol.round)
+  step = jax.jit(chex.assert_max_traces(protocol.round, n=1))  # a round compiles once
   states, metrics = [], []
   for _ in range(rounds):
     state, m = step(state, data)
