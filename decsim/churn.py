@@ -17,6 +17,12 @@ take nodes from its front, joins from its back. Availability is a pure function
 of (seed, round, simulated clock), evaluated at the start of every round by
 ``with_churn``, which wraps any protocol: offline nodes neither train, send nor
 receive because every protocol honours ``SimState.available``.
+
+Crashes inside a round: the schedule also gives every node its crash time in
+simulated seconds (``Availability.crash_time``, ``[N]``, inf: never), so a
+protocol can tell whether a node is still up at any moment of a round. MoDeST
+uses it (a node that is down when it must send or deliver does not, see
+``decsim.protocols.modest``); the other protocols keep the per-round status.
 """
 
 import dataclasses
@@ -66,6 +72,18 @@ class ChurnConfig(Component):
 class Availability(NamedTuple):
   online: jax.Array  # [N] bool: can train, send and receive this round
   member: jax.Array  # [N] bool: joined and not gracefully left (MoDeST membership)
+  crash_time: jax.Array  # [N] float32: simulated second the node goes down for good (inf: never)
+
+
+def crash_times(rank: np.ndarray, config: ChurnConfig, limit: int) -> np.ndarray:
+  """``[N]`` float32: when each node goes down by the crash schedule (inf: never).
+
+  The node at position ``k`` of the crash order goes down with batch ``k // crash_batch``,
+  at ``crash_start_seconds + (k // crash_batch) * crash_every_seconds``, if ``k < limit``;
+  ``clock >= crash_time`` is the same set as ``scheduled_count`` gives (tested).
+  """
+  at = config.crash_start_seconds + (rank // config.crash_batch) * config.crash_every_seconds
+  return np.where(rank < limit, at, np.inf).astype(np.float32)
 
 
 def scheduled_count(t: jax.Array, start: float, every: float, batch: int, limit: int) -> jax.Array:
@@ -117,6 +135,7 @@ def make_availability(config: ChurnConfig, nodes: int, seed: int
   join_rank = jnp.asarray(nodes - 1 - rank)  # joins come from the back of the order
   crash_limit = math.floor(config.crash_fraction * nodes)
   trace = None if config.trace_file is None else jnp.asarray(load_trace(config.trace_file, nodes))
+  crash_time = jnp.asarray(crash_times(rank, config, crash_limit))  # [N]
 
   def availability(key: jax.Array, round_: jax.Array, clock: jax.Array) -> Availability:
     online = jnp.ones((nodes,), bool)
@@ -134,7 +153,7 @@ def make_availability(config: ChurnConfig, nodes: int, seed: int
     if trace is not None:
       online &= trace[jnp.minimum(round_, trace.shape[0] - 1)]
     left = down if config.crash_graceful else jnp.zeros_like(down)
-    return Availability(online=online, member=joined & ~left)
+    return Availability(online=online, member=joined & ~left, crash_time=crash_time)
 
   return availability
 

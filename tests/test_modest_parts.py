@@ -62,7 +62,7 @@ def test_views_of_lets_an_online_node_know_itself():
 def _probe_all_offline():
   cand = jnp.array([[1, 2, 3], [2, 3, 1]])
   valid = jnp.array([[True, True, True], [True, True, False]])
-  out = m.probe(cand, valid, jnp.array([0, 4]), jnp.zeros(N, bool), uniform_network(N),
+  out = m.probe(cand, valid, jnp.array([0, 4]), jnp.zeros(N, bool)[cand], uniform_network(N),
                 aggregators=2, ping_timeout=2.5)
   return valid, out
 
@@ -85,7 +85,7 @@ def test_probe_stops_at_the_first_responsive_candidates():
   online = jnp.array([True, False, True, False, True, True])
   cand = jnp.array([[1, 2, 3, 4, 5]])
   chosen, chosen_ok, probed, _, seconds = m.probe(cand, jnp.ones((1, 5), bool), jnp.array([0]),
-                                                   online, network, aggregators=2,
+                                                   online[cand], network, aggregators=2,
                                                    ping_timeout=2.0)
   np.testing.assert_array_equal(chosen[0], [2, 4])
   assert np.all(chosen_ok)
@@ -118,11 +118,19 @@ def test_collect_takes_the_first_arrivals_and_waits_in_vain_for_missing_ones():
                      cand=None, probed=None, responsive=None, chosen_ok=sends,
                      agg_ids=jnp.array([4, 5]),
                      agg_valid=jnp.ones(2, bool), sends=sends, part_vw=None)
-  take, done, n_sent = m.collect(settings, network, plan, jnp.array([3.0, 1.0, 2.0]))
+  sent_at = jnp.array([3.0, 1.0, 2.0])
+  take, done, n_sent = m.collect(settings, network, plan, sent_at, jnp.full(N, jnp.inf))
   np.testing.assert_array_equal(take, [[False, True], [True, False], [True, False]])
   np.testing.assert_array_equal(n_sent, [3, 1])
   np.testing.assert_allclose(done, [2.5, 3.5 + 2.0])  # aggregator 1 got 1 of 2: a timeout more
   np.testing.assert_allclose(m.take_weights(take), [[0, 1], [0.5, 0], [0.5, 0]])
+  # Node 5 (aggregator 1) crashes at 4.0, before its wait ends: its aggregate is lost.
+  # Node 1 crashes at 1.2, before its model reaches node 4: node 4 takes 0's and 2's.
+  crash = jnp.full(N, jnp.inf).at[5].set(4.0).at[1].set(1.2)
+  take, done, _ = m.collect(settings, network, plan, sent_at, crash)
+  np.testing.assert_array_equal(take[:, 0], [True, False, True])
+  np.testing.assert_allclose(done[0], 3.5)
+  assert np.isinf(done[1])
 
 
 def test_global_views_mark_online_seen_and_timed_out_down():
@@ -144,7 +152,7 @@ def test_probe_finding_fewer_than_a_searches_the_whole_ranking():
   online = jnp.array([True, False, True, False, False, False])
   cand = jnp.array([[1, 2, 3, 4, 5]])  # only node 2 answers; a = 2
   chosen, chosen_ok, probed, _, seconds = m.probe(cand, jnp.ones((1, 5), bool), jnp.array([0]),
-                                                   online, network, aggregators=2,
+                                                   online[cand], network, aggregators=2,
                                                    ping_timeout=2.0)
   assert chosen[0, 0] == 2 and chosen_ok.tolist() == [[True, False]]
   assert np.all(probed)  # the search went on past node 2 to the end of the ranking

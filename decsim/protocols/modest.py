@@ -26,8 +26,9 @@ it pays its timeout.
 
 - ``views='global'`` (default, fast): one shared record per node stands for all
   views. An online node is seen active every round, a timed-out ping (with
-  ``mark_down``) marks its target down at once for everybody, and membership
-  changes are visible the next round.
+  ``mark_down``) marks its target down at once for everybody, a graceful leave is
+  seen at once (the reference's leaver tells 10 s peers) and a join from the next
+  round on (the reference holds it pending until the receiver's next send).
 - ``views='local'``: every node's own view, an ``[N, N]`` matrix (for N up to a
   few thousand). A node knows its own record; participants merge the views of
   the aggregates they receive, mark their own timed-out pings, and send their
@@ -42,6 +43,25 @@ it pays its timeout.
   order, and a model sent elsewhere is counted but lost (a stray aggregator
   never gathers ``ceil(sf * s)`` models). Without churn both modes give the same
   models, clock and model/view messages (tested).
+
+Failures inside rounds. With a crash schedule every node has a crash time in
+simulated seconds (``churn.Availability.crash_time``), and a node that is down
+when it must act does not: a candidate down when a participant probes it does not
+answer; a participant down before its model arrives loses it; an aggregator down
+before it has its ``ceil(sf * s)`` models, or before its aggregate reaches a
+participant, loses its aggregate (what it gathered is gone). The round goes on
+from every aggregate that arrives, so with ``a > 1`` one aggregator's crash costs
+nothing; when no aggregate arrives (``a = 1``: its aggregator crashed) the round
+has failed. The recovery follows the authors' HEAD (``accdfl/dfl/community.py``,
+``on_agg_ack`` with ``success=False`` -> ``forward_trained_model``): the failed
+round's participants that are still up re-forward their trained models to the
+first ``a`` live nodes of the next ranking, which aggregate them and go on. HEAD
+starts the re-forwarding on a failure acknowledgement that ``go_offline`` sends
+even for a crash (``graceful=False``); a crashed process cannot send, so here the
+participants wait ``reforward_timeout`` seconds after their send for the
+acknowledgement that never comes (0: as if acknowledged at once). The paper-era
+code (``96f5273``, 2023-02) had no acknowledgement at all: a lost aggregate
+stalled the run.
 
 Every aggregator applies ``aggregate(models [s, ...], weights [s]) -> params`` to the
 models it took (weight 1) and the rest (weight 0): the unweighted mean. ``modest_round``
@@ -74,6 +94,7 @@ from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
 
 VIEWS = ('global', 'local')
+AGGREGATOR_ORDERS = ('rank', 'bandwidth')
 STREAMS = ('shared', 'independent')
 
 
@@ -91,6 +112,15 @@ class ModestConfig(Component):
   mark_down: bool = option(False, 'MoDeST: a ping that times out marks its target down in the '
                            'views at once (not in the reference, where only '
                            '--inactivity_threshold removes a node).')
+  aggregator_order: str = option('rank', "MoDeST: the order in which participants probe "
+                                 "the next sample for aggregators: the hash ranking, or its "
+                                 "first s by upload bandwidth, fastest first (the reference "
+                                 "with capacity traces).", choices=AGGREGATOR_ORDERS)
+  reforward_timeout: float = option(300.0, 'MoDeST: seconds a participant waits for its '
+                                    "aggregator's acknowledgement before re-forwarding its model "
+                                    'to the next live aggregator (a crashed aggregator sends '
+                                    "none; 300 = the reference's aggregation timeout; 0: at once).",
+                                    low=0)
   modest_stream: str = option('shared', "MoDeST: rank samples with FedAvg's random stream "
                               '(shared: without churn both draw the same clients, common random '
                               'numbers) or an independent one.', choices=STREAMS)
@@ -116,6 +146,7 @@ class ModestState:
   views: Views  # [V, N] activity records
   counter: jax.Array  # [N] int32 each node's own membership counter (the truth)
   participants: jax.Array  # [s] int32 the last round's nodes that trained (N: none)
+  sent_at: jax.Array  # float32: when the last round's last model was sent (re-forward timer)
 
 
 def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array, count: int,
@@ -157,6 +188,8 @@ class ModestSettings:
   model_bytes: int
   mark_down: bool  # timed-out pings mark their targets down in the views
   stream: Stream  # the random stream of the hash ranking
+  reforward_timeout: float = 300.0  # a participant's wait for an acknowledgement that never comes
+  by_bandwidth: bool = False  # aggregators: the next sample's first s, fastest upload first
 
 
 @struct.dataclass
@@ -192,7 +225,8 @@ FULL_SEARCH_NODES = 16_384  # up to here the sample search ranks the whole view;
 def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int = 1,
            success_fraction: float = 1.0, ping_timeout: float = 5.0,
            inactivity_threshold: int = 1000, views: str = 'global', mark_down: bool = False,
-           stream: str = 'shared', network: Network | None = None, availability=None,
+           stream: str = 'shared', reforward_timeout: float = 300.0,
+           aggregator_order: str = 'rank', network: Network | None = None, availability=None,
            variance_correction: mixing.VarianceCorrection | None = None,
            aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None) -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
@@ -209,6 +243,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     raise ValueError(f'aggregators {a} must be in 1..{nodes}')
   if not 0 < success_fraction <= 1:
     raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
+  if aggregator_order not in AGGREGATOR_ORDERS:
+    raise ValueError(f'aggregator order {aggregator_order!r} must be one of {AGGREGATOR_ORDERS}')
   if views not in VIEWS or stream not in STREAMS:
     raise ValueError(f'views {views!r} / stream {stream!r} must be one of {VIEWS} / {STREAMS}')
   settings = ModestSettings(
@@ -217,7 +253,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
       search=nodes if nodes <= FULL_SEARCH_NODES else min(nodes, 64 * s),
       ping_timeout=ping_timeout, inactivity_threshold=inactivity_threshold,
       local=views == 'local', model_bytes=learner.model_bytes(), mark_down=mark_down,
-      stream=Stream.SAMPLE if stream == 'shared' else Stream.MODEST)
+      stream=Stream.SAMPLE if stream == 'shared' else Stream.MODEST,
+      reforward_timeout=reforward_timeout, by_bandwidth=aggregator_order == 'bandwidth')
   network = network if network is not None else uniform_network(nodes)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
@@ -254,7 +291,8 @@ def modest_init(settings: ModestSettings, learner: Learner, availability, key: P
       views=Views(seen=jnp.zeros((rows, nodes), jnp.int32),
                   down=jnp.full((rows, nodes), NEVER, jnp.int32),
                   joins=jnp.broadcast_to(counter, (rows, nodes))),
-      counter=counter, participants=jnp.full((settings.sample_size,), nodes, jnp.int32))
+      counter=counter, participants=jnp.full((settings.sample_size,), nodes, jnp.int32),
+      sent_at=jnp.float32(0))
   return init_sim_state(key, NodeState(broadcast(model0, nodes), ()), extra)
 
 
@@ -277,16 +315,30 @@ def merge_views(a: Views, b: Views) -> Views:
   return jax.tree.map(jnp.maximum, a, b)
 
 
-def ranking_view(settings: ModestSettings, state: SimState) -> jax.Array:
+def ranking_view(settings: ModestSettings, state: SimState, counter: jax.Array) -> jax.Array:
   """``[N] bool``: the nodes active in the view that ranks round r's sample (global view,
-  or the view of the first aggregator of round r - 1, which sends the model)."""
+  or the view of the first aggregator of round r - 1, which sends the model). In the
+  global view a graceful leave (``counter [N]`` now even) is seen at once, as the
+  reference's leaver tells 10 s random peers; a join only from the next round (the
+  reference holds it pending until the receiver's next model send)."""
   r, ex = state.round, state.extra
   if settings.local:
     first = ex.agg_ids[jnp.argmin(ex.agg_done)][None]
     vw = views_of(ex.views, first, state.available, ex.counter, r)
   else:
-    vw = ex.views
+    vw = ex.views.replace(joins=jnp.where(counter % 2 == 0, counter, ex.views.joins))
   return active_in(vw, 0, r, settings.inactivity_threshold)
+
+
+def bandwidth_first(cand: jax.Array, cand_valid: jax.Array, bandwidth: jax.Array,
+                    s: int) -> tuple[jax.Array, jax.Array]:
+  """Each ranking ``[s, C]`` with its first ``s`` entries re-sorted by ``bandwidth [N]``,
+  fastest first (the reference: ``determine_available_peers_for_sample`` with
+  ``getting_aggregators``; it probes only those s, decsim goes on down the ranking)."""
+  head, head_ok = cand[:, :s], cand_valid[:, :s]
+  order = jnp.argsort(-jnp.where(head_ok, bandwidth[head], -jnp.inf), axis=1, stable=True)
+  return (jnp.concatenate([jnp.take_along_axis(head, order, 1), cand[:, s:]], axis=1),
+          jnp.concatenate([jnp.take_along_axis(head_ok, order, 1), cand_valid[:, s:]], axis=1))
 
 
 def next_candidates(settings: ModestSettings, state: SimState, view: jax.Array,
@@ -328,14 +380,14 @@ def ping_batches(responsive: jax.Array, valid: jax.Array, rtt: jax.Array, need: 
   return probed, found, jnp.sum(per_batch, axis=-1)
 
 
-def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, online: jax.Array,
+def probe(cand: jax.Array, cand_valid: jax.Array, sample: jax.Array, up: jax.Array,
           network: Network, aggregators: int, ping_timeout: float):
   """Each participant ``sample [s]`` pings its ranking ``cand [s, C]`` of round r+1,
-  ``aggregators`` at a time (``ping_batches``), until ``aggregators`` candidates answer.
-  Returns (chosen [s, a], chosen_ok [s, a], probed [s, C], responsive [s, C],
-  probe seconds [s])."""
+  ``aggregators`` at a time (``ping_batches``), until ``aggregators`` candidates answer
+  (``up [s, C]``: the candidate is up when that participant probes). Returns
+  (chosen [s, a], chosen_ok [s, a], probed [s, C], responsive [s, C], probe seconds [s])."""
   a = aggregators
-  responsive = cand_valid & online[cand]  # [s, C]
+  responsive = cand_valid & up  # [s, C]
   rtt = 2 * network.transfer_seconds(sample[:, None], cand, 0)  # [s, C]
   probed, is_agg, seconds = ping_batches(responsive, cand_valid, rtt, a, a, ping_timeout)
   positions = jnp.argsort(jnp.where(is_agg, 0, 1), axis=1, stable=True)[:, :a]  # [s, a]
@@ -362,13 +414,17 @@ def live_sample(settings: ModestSettings, network: Network, state: SimState,
 
 
 def plan_round(settings: ModestSettings, network: Network, state: SimState, view: jax.Array,
-               sample: jax.Array, live: jax.Array, search: Search, prev_ok: jax.Array):
-  """The aggregators each participant finds and where it sends. Returns (RoundPlan,
-  probe seconds [s])."""
+               sample: jax.Array, live: jax.Array, search: Search, prev_ok: jax.Array,
+               crash: jax.Array, trained: jax.Array):
+  """The aggregators each participant finds (probing once it ``trained [s]``; a candidate
+  whose ``crash [N]`` time has passed does not answer) and where it sends. Returns
+  (RoundPlan, probe seconds [s])."""
   cand, cand_valid, part_vw = next_candidates(settings, state, view, sample, prev_ok)
+  if settings.by_bandwidth:
+    cand, cand_valid = bandwidth_first(cand, cand_valid, network.upload, settings.sample_size)
+  up = state.available[cand] & (crash[cand] > trained[:, None])  # [s, C]
   chosen, chosen_ok, probed, responsive, seconds = probe(
-      cand, cand_valid, sample, state.available, network, settings.aggregators,
-      settings.ping_timeout)
+      cand, cand_valid, sample, up, network, settings.aggregators, settings.ping_timeout)
   lead = jnp.argmax(live)  # the first live participant's aggregators are the round's
   agg_ids, agg_valid = chosen[lead], chosen_ok[lead]  # [a]
   sends = jnp.any(chosen_ok[:, :, None] & (chosen[:, :, None] == agg_ids[None, None, :]), axis=1)
@@ -382,43 +438,58 @@ def plan_round(settings: ModestSettings, network: Network, state: SimState, view
 # ------------------------------------------------------------------ training and aggregation
 
 
-def train_sample(settings: ModestSettings, learner: Learner, network: Network, state: SimState,
-                 data: NodeData, sample: jax.Array, live: jax.Array,
-                 search_seconds: jax.Array) -> tuple[LocalResult, jax.Array, jax.Array]:
-  """Each participant trains the first aggregate to reach it (each aggregator sends once
-  its search, ``search_seconds [a]``, found the sample). Returns (the local result,
-  steps [s] (0 if not live), the time each finished training [s])."""
-  r, ex = state.round, state.extra
+def deliveries(settings: ModestSettings, network: Network, ex: ModestState, sample: jax.Array,
+               live: jax.Array, search_seconds: jax.Array, crash: jax.Array) -> jax.Array:
+  """When each aggregate reaches each participant ``[s, a]`` (each aggregator sends once
+  its search, ``search_seconds [a]``, found the sample, to every live participant at
+  once); inf where it does not: no aggregate, or the aggregator or the participant is
+  down (``crash [N]``) before the transfer ends."""
   arrive = ex.agg_done[None, :] + search_seconds[None, :] + network.transfer_seconds(
       ex.agg_ids[None, :], sample[:, None], settings.model_bytes,
-      up_share=jnp.sum(live))  # [s, a]: each aggregator sends to every live participant
+      up_share=jnp.sum(live))  # [s, a]
+  up = (crash[ex.agg_ids][None, :] > arrive) & (crash[sample][:, None] > arrive)
+  return jnp.where(up & live[:, None], arrive, jnp.inf)
+
+
+def train_sample(settings: ModestSettings, learner: Learner, network: Network, state: SimState,
+                 data: NodeData, sample: jax.Array, arrive: jax.Array,
+                 crash: jax.Array) -> tuple[LocalResult, jax.Array, jax.Array, jax.Array]:
+  """Each participant trains the first aggregate to reach it (``arrive [s, a]``, inf:
+  never). Returns (the local result, steps [s] (0 if it got no model or went down while
+  training), the time each finished training [s], which finished [s])."""
+  r, ex = state.round, state.extra
   first = jnp.argmin(arrive, axis=1)  # [s]
   start = jnp.min(arrive, axis=1)  # [s]
   params = jax.tree.map(lambda p: p[first], ex.agg_params)  # [s, ...]
   opt_state = jax.vmap(learner.tx.init)(params)
   result = train_nodes(learner, params, opt_state, node_keys(state.key, r, sample, Stream.BATCH),
                        data, rows=sample, round_=r)
-  steps = jnp.where(live, result.steps, 0)
-  trained = start + network.compute_seconds(sample, steps * learner.batch_size)  # [s]
-  return result, steps, trained
+  trained = start + network.compute_seconds(sample, result.steps * learner.batch_size)  # [s]
+  finished = jnp.isfinite(start) & (crash[sample] > trained)
+  return result, jnp.where(finished, result.steps, 0), trained, finished
 
 
-def collect(settings: ModestSettings, network: Network, plan: RoundPlan,
-            sent_at: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def collect(settings: ModestSettings, network: Network, plan: RoundPlan, sent_at: jax.Array,
+            crash: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each aggregator takes the first ceil(sf * s) models to arrive (sent at
-  ``sent_at [s]``). Returns (take [s, a] bool, done [a] time it had them, or waited a
-  ping timeout in vain for the missing ones, n_sent [a] models sent to it)."""
+  ``sent_at [s]``; a model is lost when its sender or the aggregator is down, by
+  ``crash [N]``, before it arrives). Returns (take [s, a] bool, done [a] time it had
+  them, or waited a ping timeout in vain for the missing ones; inf when it got none or
+  went down before that, n_sent [a] models sent to it)."""
   n_sent = jnp.sum(plan.sends, axis=0, dtype=jnp.int32)  # [a]
   uploads = jnp.sum(plan.chosen_ok, axis=1)  # [s] a participant sends to all it found
   arrival = sent_at[:, None] + network.transfer_seconds(
       plan.sample[:, None], plan.agg_ids[None, :], settings.model_bytes,
       up_share=uploads[:, None], down_share=n_sent[None, :])  # [s, a]
-  arrival = jnp.where(plan.sends, arrival, jnp.inf)
-  need = jnp.minimum(settings.wait_for, n_sent)  # [a]
+  up = (crash[plan.sample][:, None] > arrival) & (crash[plan.agg_ids][None, :] > arrival)
+  arrival = jnp.where(plan.sends & up, arrival, jnp.inf)
+  n_in = jnp.sum(jnp.isfinite(arrival), axis=0, dtype=jnp.int32)  # [a] models that arrived
+  need = jnp.minimum(settings.wait_for, n_in)  # [a]
   take = jnp.argsort(jnp.argsort(arrival, axis=0), axis=0) < need[None, :]  # [s, a]
   take &= jnp.isfinite(arrival)
   done = jnp.max(jnp.where(take, arrival, -jnp.inf), axis=0)  # [a]
-  done += jnp.where(n_sent < settings.wait_for, settings.ping_timeout, 0.0)
+  done += jnp.where(n_in < settings.wait_for, settings.ping_timeout, 0.0)
+  done = jnp.where((n_in > 0) & (crash[plan.agg_ids] > done), done, jnp.inf)
   return take, done, n_sent
 
 
@@ -484,16 +555,23 @@ def new_views(settings: ModestSettings, state: SimState, plan: RoundPlan, counte
 
 
 def message_counts(settings: ModestSettings, state: SimState, plan: RoundPlan,
-                   prev_ok: jax.Array, heartbeat: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                   prev_ok: jax.Array, heartbeat: jax.Array | None,
+                   resent: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Messages of the round: uploads to every chosen aggregator (+ view), the previous
-  aggregators' downloads to the live sample (+ view), pings and the replies of live
-  candidates, and (local views) heartbeats to the aggregators. Returns (per-node
-  counts ``sent [N, K]`` so far, this round's ``[K]``)."""
+  aggregators' downloads to the live sample (+ view), re-forwarded models after a
+  failed round (``resent [s]``: the last round's participants that sent to ``a``
+  aggregators), pings and the replies of live candidates, and (local views) heartbeats
+  to the aggregators. Returns (per-node counts ``sent [N, K]`` so far, this round's
+  ``[K]``)."""
   nodes, live = settings.nodes, plan.live
   n_live = jnp.sum(live, dtype=jnp.int32)
   part = jnp.where(live, plan.sample, nodes)
   uploads = jnp.sum(plan.chosen_ok, axis=1, dtype=jnp.int32) * live  # [s]
-  sent = state.sent.at[part, MODEL].add(uploads, mode='drop')
+  again = resent.astype(jnp.int32) * settings.aggregators  # [s]
+  senders = jnp.where(resent, state.extra.participants, nodes)
+  sent = state.sent.at[senders, MODEL].add(again, mode='drop').at[senders, VIEW].add(
+      again, mode='drop')
+  sent = sent.at[part, MODEL].add(uploads, mode='drop')
   sent = sent.at[part, VIEW].add(uploads, mode='drop')
   prev = jnp.where(prev_ok, state.extra.agg_ids, nodes)
   sent = sent.at[prev, MODEL].add(n_live, mode='drop').at[prev, VIEW].add(n_live, mode='drop')
@@ -509,7 +587,7 @@ def message_counts(settings: ModestSettings, state: SimState, plan: RoundPlan,
     beats = (jnp.sum(plan.agg_valid, dtype=jnp.int32) - is_agg) * heartbeat  # [N] to the others
     sent = sent.at[:, PING].add(beats)
     pings += jnp.sum(beats)
-  models = jnp.sum(uploads) + n_live * jnp.sum(prev_ok, dtype=jnp.int32)
+  models = jnp.sum(uploads) + n_live * jnp.sum(prev_ok, dtype=jnp.int32) + jnp.sum(again)
   return sent, jnp.stack([models, models, pings]).astype(jnp.int32)
 
 
@@ -531,18 +609,72 @@ def _search_pings(sent: jax.Array, search: Search, searchers: jax.Array,
 
 def next_aggregates(settings: ModestSettings, state: SimState, plan: RoundPlan, averaged: Stacked,
                     done: jax.Array, n_sent: jax.Array) -> ModestState:
-  """The aggregates that start round r+1; if no aggregator got a model the old ones
-  stay and are resent after a ping timeout."""
+  """The aggregates that start round r+1 (``done [a]``, inf: lost). If models were sent
+  but every aggregator went down, the aggregates are lost (all inf; the next round
+  re-forwards, see ``reforward``); if no model was sent at all, the old ones stay and
+  are resent after a ping timeout."""
   ex = state.extra
-  ok = plan.agg_valid & (n_sent > 0)  # [a]
+  ok = plan.agg_valid & jnp.isfinite(done)  # [a]
   any_ok = jnp.any(ok)
+  lost = ~any_ok & jnp.any(plan.agg_valid & (n_sent > 0))
   stalled_until = state.clock + settings.ping_timeout
   return ex.replace(
       agg_params=jax.tree.map(lambda new, old: jnp.where(any_ok, new, old), averaged,
                               ex.agg_params),
-      agg_ids=jnp.where(any_ok, plan.agg_ids, ex.agg_ids),
-      agg_done=jnp.where(any_ok, jnp.where(ok, done, jnp.inf),
+      agg_ids=jnp.where(any_ok | lost, plan.agg_ids, ex.agg_ids),
+      agg_done=jnp.where(any_ok | lost, jnp.where(ok, done, jnp.inf),
                          jnp.full((settings.aggregators,), stalled_until)))
+
+
+def reforward(settings: ModestSettings, network: Network, aggregate_fn, state: SimState,
+              crash: jax.Array, sample: jax.Array, live: jax.Array) -> tuple[ModestState, jax.Array]:
+  """After a failed round (no aggregate arrives): its participants that are still up
+  wait ``reforward_timeout`` after their send, then re-forward their trained models
+  (node rows) to the first ``a`` live nodes of this round's sample (``live [s]``, rank
+  order) still up then, which average them (HEAD: ``on_agg_ack(success=False)`` ->
+  ``forward_trained_model``). With none up, the last aggregate stays, now held there.
+  Returns (the replaced aggregates, senders [s] bool)."""
+  ex, nodes, a = state.extra, settings.nodes, settings.aggregators
+  t0 = ex.sent_at + settings.reforward_timeout
+  ids = jnp.minimum(ex.participants, nodes - 1)  # [s]
+  up = (ex.participants < nodes) & state.available[ids] & (crash[ids] > t0)  # [s]
+  ready = live & (crash[sample] > t0)  # [s] answers the re-forwarders' pings at t0
+  slots = jnp.argsort(~ready, stable=True)[:a]  # [a] the first such participants
+  new_ids, valid = sample[slots], ready[slots]
+  transfer = network.transfer_seconds(ids[:, None], new_ids[None, :], settings.model_bytes,
+                                      up_share=a, down_share=jnp.sum(up))  # [s, a]
+  done = t0 + jnp.max(jnp.where(up[:, None], transfer, 0.0), axis=0)  # [a]
+  mean = aggregate_fn(jax.tree.map(lambda p: p[ids], state.nodes.params), up.astype(jnp.float32))
+  any_up = jnp.any(up)
+  params = jax.tree.map(lambda m, old: jnp.where(any_up, jnp.broadcast_to(m, old.shape), old),
+                        mean, ex.agg_params)
+  return ex.replace(agg_params=params, agg_ids=new_ids,
+                    agg_done=jnp.where(valid, done, jnp.inf)), up
+
+
+def crash_times_of(availability, state: SimState, nodes: int) -> jax.Array:
+  """``[N]`` each node's crash time in simulated seconds (inf: never)."""
+  if availability is None:
+    return jnp.full((nodes,), jnp.inf, jnp.float32)
+  return availability(state.key, state.round, state.clock).crash_time
+
+
+def start_round(settings: ModestSettings, network: Network, availability, aggregate_fn,
+                state: SimState):
+  """The sample and the aggregates that reach it; after a failed round, the re-forwarded
+  ones. Returns (state with the aggregates in use, view, sample [s], live [s], Search,
+  arrive [s, a], crash [N], re-forward senders [s])."""
+  crash = crash_times_of(availability, state, settings.nodes)
+  view = ranking_view(settings, state, membership(availability, state)[0])
+  sample, live, search = live_sample(settings, network, state, view)  # [s], [s] that answered
+  arrive = deliveries(settings, network, state.extra, sample, live, search.seconds, crash)
+  failed = jnp.any(live) & ~jnp.any(jnp.isfinite(arrive))
+  recovered, senders = reforward(settings, network, aggregate_fn, state, crash, sample, live)
+  ex = jax.tree.map(lambda r, e: jnp.where(failed, r, e), recovered, state.extra)
+  arrive = jnp.where(failed, deliveries(settings, network, recovered, sample, live,
+                                        jnp.zeros_like(search.seconds), crash), arrive)
+  return (state.replace(extra=ex), view, sample, live, search, arrive, crash,
+          senders & failed)
 
 
 def modest_round(settings: ModestSettings, learner: Learner, network: Network, availability,
@@ -552,33 +684,37 @@ def modest_round(settings: ModestSettings, learner: Learner, network: Network, a
                  ) -> tuple[SimState, RoundMetrics]:
   """One MoDeST round: sample, train, probe for aggregators, aggregate, update views.
   ``aggregate_fn(models [s, ...], weights [s]) -> params`` is every aggregator's rule."""
-  r, ex = state.round, state.extra
-  view = ranking_view(settings, state)
-  sample, live, search = live_sample(settings, network, state, view)  # [s], [s] that train
-  n_live = jnp.sum(live, dtype=jnp.int32)
+  r, clock0 = state.round, state.clock
+  state, view, sample, live, search, arrive, crash, resent = start_round(
+      settings, network, availability, aggregate_fn, state)
+  ex = state.extra
   prev_ok = jnp.isfinite(ex.agg_done)  # [a]
-  result, steps, trained = train_sample(settings, learner, network, state, data, sample, live,
-                                        search.seconds)
-  plan, probe_seconds = plan_round(settings, network, state, view, sample, live, search,
-                                   prev_ok)
-  take, done, n_sent = collect(settings, network, plan, trained + probe_seconds)
+  result, steps, trained, finished = train_sample(settings, learner, network, state, data,
+                                                  sample, arrive, crash)
+  plan, probe_seconds = plan_round(settings, network, state, view, sample, finished, search,
+                                   prev_ok, crash, trained)
+  n_live = jnp.sum(plan.live, dtype=jnp.int32)
+  sent_at = trained + probe_seconds  # [s]
+  take, done, n_sent = collect(settings, network, plan, sent_at, crash)
   averaged = jax.vmap(aggregate_fn, in_axes=(None, 1))(result.params, take)  # [a, ...]
   if vc is not None:  # Tian et al. 2024, at every aggregator
     averaged = _correct(vc, averaged, ex.agg_params, result.params, take_weights(take))
   counter, changed = membership(availability, state)
   vw, heartbeat = new_views(settings, state, plan, counter, changed)
-  part = jnp.where(live, sample, settings.nodes)  # [s]
+  part = jnp.where(plan.live, sample, settings.nodes)  # [s]
+  last_send = jnp.max(jnp.where(plan.live, sent_at, clock0))
   new_extra = next_aggregates(settings, state, plan, averaged, done, n_sent).replace(
-      views=vw, counter=counter, participants=part)
-  clock = jnp.min(new_extra.agg_done)
-  sent, messages = message_counts(settings, state, plan, prev_ok, heartbeat)
+      views=vw, counter=counter, participants=part, sent_at=last_send)
+  end = jnp.min(new_extra.agg_done)
+  clock = jnp.where(jnp.isfinite(end), end, last_send)  # a lost round ends with its last send
+  sent, messages = message_counts(settings, state, plan, prev_ok, heartbeat, resent)
   node_params = jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
                              state.nodes.params, result.params)
   new_state = state.replace(round=r + 1, nodes=state.nodes.replace(params=node_params),
                             clock=clock, sent=sent, extra=new_extra)
   metrics = RoundMetrics(
-      train_loss=jnp.sum(result.loss * live) / jnp.maximum(n_live, 1),
-      sim_seconds=clock - state.clock, messages=messages, active_nodes=n_live,
+      train_loss=jnp.sum(result.loss * plan.live) / jnp.maximum(n_live, 1),
+      sim_seconds=clock - clock0, messages=messages, active_nodes=n_live,
       node_steps=jnp.sum(steps))
   return new_state, metrics
 
@@ -639,6 +775,7 @@ def build(ctx: registry.BuildContext) -> Protocol:
                 aggregators=c.aggregators, success_fraction=c.success_fraction,
                 ping_timeout=c.ping_timeout, inactivity_threshold=c.inactivity_threshold,
                 views=c.views, mark_down=c.mark_down, stream=c.modest_stream,
+                reforward_timeout=c.reforward_timeout, aggregator_order=c.aggregator_order,
                 network=ctx.network, availability=ctx.availability,
                 variance_correction=ctx.variance_correction,
                 aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0])
