@@ -6,6 +6,7 @@ neither.
 """
 
 import functools
+import json
 import pathlib
 import shutil
 
@@ -30,8 +31,8 @@ class Jitted:
 
   def __init__(self, model):
     self.config = model.config
-    self.apply = jax.jit(model.apply)
-    self.forward = jax.jit(model.forward)
+    self.apply = jax.jit(model.apply, static_argnames='logits_from')
+    self.forward = jax.jit(model.forward, static_argnames='logits_from')
     self.init_cache = model.init_cache
     self.sample = jax.jit(functools.partial(qwen2.sample, model), static_argnums=4)
     self.token_logprobs = jax.jit(functools.partial(qwen2.token_logprobs, model))
@@ -229,3 +230,48 @@ def test_fixed_chatml_without_a_template(tmp_path):
   assert tok.template_source == 'fixed ChatML'
   assert tok.render([{'role': 'user', 'content': 'hi'}]) == (
       '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_task_prompts_become_the_chat_template_and_answers_become_task_text():
+  from decsim.rl import lm_policy, tasks
+  ckpt = hf_checkpoint.load(DATA / 'qwen2_tiny')
+  tok = ckpt.tokenizer
+  tables = lm_policy.prompt_tables(tok, tasks.CHARS)
+  prompts = jnp.asarray(np.stack([tasks.encode('  37+5='), tasks.encode('r583=', 7)]))
+  ids, valid = lm_policy.lm_prompts(tables, prompts)
+  for row, question in enumerate(('37+5=', 'r583=')):
+    text = tok.tokenizer.decode(np.asarray(ids[row])[np.asarray(valid[row])].tolist(),
+                                skip_special_tokens=False)
+    assert text == tok.render([{'role': 'user', 'content': lm_policy.INSTRUCTION + question}])
+  table = jnp.asarray(lm_policy.answer_table(tok, ckpt.config.vocab_size, tasks.CHARS))
+  answer = lambda text, eos: jnp.asarray(tok.encode(text) + ([tok.eos_ids[0]] if eos else []))
+  decode = lambda t: tasks.decode(lm_policy.task_tokens(table, t)).rstrip(' ')
+  assert decode(answer(' 42', True)) == '42$'  # whitespace dropped, the model's EOS kept
+  assert decode(answer('42', False)) == '42$'  # a cut completion: its text is the answer
+  assert decode(answer('4 is x', True)) == '4ccc$'  # letters outside the alphabet: OTHER
+  assert float(tasks.score(lm_policy.task_tokens(table, answer('42', True)),
+                           jnp.asarray(tasks.encode('42', 3)), 2)) == 1.0
+
+
+def test_qwen2_policy_flags_are_checked_before_anything_runs(tmp_path):
+  from decsim.rl.experiment import SapoRunConfig
+  with pytest.raises(ConfigError, match='--policy=qwen2 needs --policy_path'):
+    SapoRunConfig(policy='qwen2')
+  with pytest.raises(ConfigError, match='no such directory'):
+    SapoRunConfig(policy='qwen2', policy_path=str(tmp_path / 'absent'))
+  with pytest.raises(ConfigError, match='--lm_precision'):
+    SapoRunConfig(policy='qwen2', policy_path=str(DATA / 'qwen2_tiny'), lm_precision='fp8')
+
+
+@pytest.mark.slow
+def test_sapo_runs_with_the_qwen2_policy(tmp_path):
+  """Two nodes start from the tiny checkpoint and take two SAPO rounds through the shared loop."""
+  from decsim.rl import experiment
+  c = experiment.SapoRunConfig(policy='qwen2', policy_path=str(DATA / 'qwen2_tiny'), nodes=2,
+                               local_groups=2, external_groups=1, generations=2, rounds=2,
+                               log_every=2, completion_len=6, top_p=0.95)
+  summary = experiment.run(c, out_dir=tmp_path / 'run', log=lambda *a: None)
+  assert summary['status'] == 'completed' and summary['rounds'] == 2
+  rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['round'] for r in rows] == [1, 2]
+  assert all(np.isfinite(r['loss']) and r['bytes_shared'] > 0 for r in rows)

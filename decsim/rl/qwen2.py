@@ -170,7 +170,8 @@ class Qwen2(nn.Module):
   config: Qwen2Config
 
   @nn.compact
-  def __call__(self, tokens, ctx: Context, kv):  # tokens [B, L]; kv (k, v) [layers, ...] or None
+  def __call__(self, tokens, ctx: Context, kv, logits_from: int = 0):
+    """tokens [B, L]; kv (k, v) [layers, ...] or None -> logits [B, L - logits_from, V], kv."""
     c = self.config
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
                      param_dtype=c.param_dtype, embedding_init=nn.initializers.normal(0.02),
@@ -178,13 +179,13 @@ class Qwen2(nn.Module):
     layers = nn.scan(DecoderLayer, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, nn.broadcast), length=c.num_layers)(c, name='layers')
     x, kv = layers(embed(tokens), kv, ctx)  # [B, L, D]
-    x = RMSNorm(c.rms_norm_eps, c.param_dtype, name='norm')(x)
+    x = RMSNorm(c.rms_norm_eps, c.param_dtype, name='norm')(x[:, logits_from:])
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
       logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                         param_dtype=c.param_dtype, name='lm_head')(x)
-    return logits.astype(jnp.float32), kv  # [B, L, V]
+    return logits.astype(jnp.float32), kv  # [B, L - logits_from, V]
 
 
 def init_cache(config: Qwen2Config, batch: int, max_len: int) -> Cache:
@@ -226,8 +227,10 @@ class LanguageModel(NamedTuple):
 
   config: Qwen2Config
   init: Callable  # (key) -> params
-  apply: Callable  # (params, tokens [B, L], valid [B, L] | None) -> logits [B, L, V]
-  forward: Callable  # (params, tokens [B, L], valid [B, L], cache) -> (logits [B, L, V], cache)
+  # (params, tokens [B, L], valid [B, L] | None, logits_from=0) -> logits [B, L - from, V]
+  apply: Callable
+  # (params, tokens [B, L], valid [B, L], cache, logits_from=0) -> (logits [B, L - from, V], cache)
+  forward: Callable
   init_cache: Callable  # (batch, max_len) -> Cache
 
 
@@ -248,16 +251,18 @@ def make_model(config: Qwen2Config) -> LanguageModel:
     ctx = full_context(config, jnp.ones((1, 2), bool))
     return module.init(key, tokens, ctx, None)['params']
 
-  def apply(params: Params, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  def apply(params: Params, tokens: jax.Array, valid: jax.Array | None = None,
+            logits_from: int = 0) -> jax.Array:
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid
     logits, _ = module.apply({'params': compute_params(config, params)}, tokens,
-                             full_context(config, valid), None)
+                             full_context(config, valid), None, logits_from)
     return logits
 
-  def forward(params: Params, tokens: jax.Array, valid: jax.Array, cache: Cache):
+  def forward(params: Params, tokens: jax.Array, valid: jax.Array, cache: Cache,
+              logits_from: int = 0):
     ctx, after = cached_context(config, valid, cache)
     logits, (k, v) = module.apply({'params': compute_params(config, params)}, tokens, ctx,
-                                  (cache.k, cache.v))
+                                  (cache.k, cache.v), logits_from)
     return logits, after._replace(k=k, v=v)
 
   return LanguageModel(config, init, apply, forward,
@@ -304,7 +309,7 @@ def sample(model: LanguageModel, params: Params, key: PRNGKey, prompts: jax.Arra
   """
   batch, p = prompts.shape
   logits, cache = model.forward(params, prompts, prompt_valid,
-                                model.init_cache(batch, p + s.completion_len))
+                                model.init_cache(batch, p + s.completion_len), p - 1)  # [B, 1, V]
   eos = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
 
   def step(carry, k):
@@ -329,10 +334,11 @@ def completion_mask(completions: jax.Array, eos_ids: tuple[int, ...]) -> jax.Arr
 def token_logprobs(model: LanguageModel, params: Params, prompts: jax.Array,
                    prompt_valid: jax.Array, completions: jax.Array) -> jax.Array:
   """Teacher-forced log-probabilities ``[B, T]`` of completions ``[B, T]`` after left-padded
-  prompts ``[B, P]``: one whole-sequence pass, float32 log-softmax."""
+  prompts ``[B, P]``: one whole-sequence pass, the head and a float32 log-softmax on the T
+  positions that predict completion tokens only (the vocabulary is large)."""
   p = prompts.shape[-1]
   seq = jnp.concatenate([prompts, completions], axis=-1)[:, :-1]  # [B, P+T-1]
   valid = jnp.concatenate([prompt_valid, jnp.ones(completions.shape, bool)], axis=-1)[:, :-1]
-  logits = model.apply(params, seq, valid)[:, p - 1:]  # [B, T, V]
+  logits = model.apply(params, seq, valid, p - 1)  # [B, T, V]: the head on completion positions only
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp, completions[..., None], axis=-1)[..., 0]
