@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,7 +151,10 @@ def test_vmapped_over_stacked_nodes_equals_per_node(untied):
   s = qwen2.Sampling(completion_len=6, temperature=1.0, top_p=0.9,
                      eos_ids=ckpt.tokenizer.eos_ids, pad_id=ckpt.tokenizer.pad_id)
   keys = jax.random.split(jax.random.key(3), 2)
-  sample = jax.jit(jax.vmap(lambda p, k: qwen2.sample(model, p, k, tokens, valid, s)))
+  def node_sample(p, k):
+    return qwen2.sample(model, p, k, tokens, valid, s)
+
+  sample = jax.jit(jax.vmap(chex.assert_max_traces(node_sample, n=1)))
   logprobs = jax.jit(jax.vmap(lambda p, c: qwen2.token_logprobs(model, p, tokens, valid, c)))
   out = sample(stacked, keys)  # [2, 3, 6]
   logp = logprobs(stacked, out)  # [2, 3, 6]
@@ -160,6 +164,8 @@ def test_vmapped_over_stacked_nodes_equals_per_node(untied):
     np.testing.assert_allclose(logp[n], jitted.token_logprobs(node, tokens, valid, out[n]),
                                atol=1e-5, rtol=0)
   assert not np.array_equal(logp[0], logp[1])  # the two nodes really differ
+  again = sample(stacked, jax.random.split(jax.random.key(4), 2))  # new keys: no new trace
+  assert again.shape == out.shape
 
 
 def test_eos_ends_a_row_and_the_mask_keeps_it():
