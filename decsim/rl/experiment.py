@@ -25,11 +25,13 @@ from decsim.rng import MAX_SEED
 from decsim.rl import base as base_lib
 from decsim.rl import grpo as grpo_lib
 from decsim.rl import policy as policy_lib
+from decsim.rl import qwen2
 from decsim.rl import sapo as sapo_lib
 from decsim.rl import tasks
 
 
 TASK_SOURCES = ('procedural', 'reasoning_gym')
+POLICIES = ('small', 'qwen2')
 
 
 def _source_shape(name: str) -> tuple[tuple[str, ...], int]:
@@ -80,6 +82,17 @@ class SapoRunConfig(Component):
   churn: float = option(0.0, 'Probability a node is offline in a round (no share, no train).',
                         low=0, high=1, high_open=True)
   staleness: int = option(0, 'd: external groups come from round r - d.', low=0)
+  policy: str = option('small', 'small (a character transformer warmed up here, --dim, '
+                       '--layers, --warmup_*) or qwen2 (a pretrained Qwen2-family model read '
+                       'from --policy_path; every node starts from it).', choices=POLICIES)
+  policy_path: str | None = option(None, 'qwen2: a Hugging Face checkpoint directory downloaded once '
+                            '(config.json, *.safetensors, tokenizer.json; nothing is fetched); '
+                            "needs pip install -e '.[lm]'.")
+  lm_precision: str = option('float32', 'qwen2: float32, bfloat16 (parameters and compute) or '
+                             'bfloat16_master (float32 master parameters, bfloat16 compute).',
+                             choices=qwen2.PRECISIONS)
+  top_p: float = option(1.0, 'qwen2: nucleus sampling mass (1: off).', low=0, high=1,
+                        low_open=True)
   dim: int = option(48, 'Policy width (4 heads; a multiple of 4).', low=8)
   layers: int = option(2, 'Policy transformer layers.', low=1)
   warmup_min: int = option(50, 'Base models: fewest supervised warm-up steps.', low=0)
@@ -119,6 +132,11 @@ class SapoRunConfig(Component):
     check(self.warmup_kinds <= len(names),
           f'--warmup_kinds={self.warmup_kinds}: use 0 (all kinds) to {len(names)}')
     task_mix(self)
+    if self.policy == 'qwen2':
+      check(self.policy_path is not None, '--policy=qwen2 needs --policy_path=DIR, a Hugging Face '
+            'Qwen2 checkpoint directory (config.json, *.safetensors, tokenizer.json)')
+      from decsim.rl import hf_checkpoint
+      hf_checkpoint.check_directory(self.policy_path)
 
 
 def task_mix(c: SapoRunConfig) -> tuple[float, ...]:
@@ -142,9 +160,7 @@ def build(c: SapoRunConfig):
   if c.task_source == 'reasoning_gym':
     from decsim.rl import reasoning_gym
     source = reasoning_gym.make_source(reasoning_gym.build_pool(size=c.pool_size, seed=c.seed))
-  policy = policy_lib.make_policy(policy_lib.PolicyConfig(
-      vocab=source.vocab_size, max_len=source.prompt_len + c.completion_len, dim=c.dim,
-      layers=c.layers, mlp=2 * c.dim))
+  policy = make_policy(c, source)
   config = sapo_lib.SapoConfig(
       nodes=c.nodes, local_groups=c.local_groups, external_groups=c.external_groups,
       generations=c.generations, completion_len=c.completion_len, temperature=c.temperature,
@@ -154,6 +170,31 @@ def build(c: SapoRunConfig):
   warmup = base_lib.WarmupConfig(steps_min=c.warmup_min, steps_max=c.warmup_max,
                                  kinds_per_node=c.warmup_kinds, init=c.base_init)
   return policy, sapo_lib.sapo(policy, config), warmup, mix, source
+
+
+def make_policy(c: SapoRunConfig, source: tasks.TaskSource):
+  """The small policy, or the ``LMPolicy`` of the checkpoint in ``--policy_path``."""
+  if c.policy == 'qwen2':
+    from decsim.rl import hf_checkpoint, lm_policy
+    alphabet = tasks.CHARS
+    if c.task_source == 'reasoning_gym':
+      from decsim.rl import reasoning_gym
+      alphabet = reasoning_gym.CHARS
+    checkpoint = hf_checkpoint.load(c.policy_path, c.lm_precision)
+    return lm_policy.make_lm_policy(checkpoint, alphabet, c.top_p)
+  return policy_lib.make_policy(policy_lib.PolicyConfig(
+      vocab=source.vocab_size, max_len=source.prompt_len + c.completion_len, dim=c.dim,
+      layers=c.layers, mlp=2 * c.dim))
+
+
+def start_params(c: SapoRunConfig, policy, warmup, mix, source, cache_dir, log):
+  """The N nodes' first parameters (leaves ``[N, ...]``): the checkpoint on every node, or the
+  small policy's warmed-up base models."""
+  if c.policy == 'qwen2':
+    from decsim.rl import hf_checkpoint
+    return hf_checkpoint.stack(policy.params, c.nodes)
+  return base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
+                              cache_dir=cache_dir, source=source, log=log)
 
 
 def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, Any]:
@@ -172,8 +213,7 @@ def run(c: SapoRunConfig, out_dir=None, log=print, cache_dir=None) -> dict[str, 
 def _run_in(run_dir, c: SapoRunConfig, log, cache_dir) -> dict[str, Any]:
   policy, sapo, warmup, mix, source = build(c)
   t0 = time.perf_counter()
-  params = base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
-                                cache_dir=cache_dir, source=source, log=log)  # leaves [N, ...]
+  params = start_params(c, policy, warmup, mix, source, cache_dir, log)  # leaves [N, ...]
   jax.block_until_ready(params)
   warmup_seconds = time.perf_counter() - t0
   simulate.stop_if_requested('during the warm-up')

@@ -11,7 +11,7 @@ divided by the number of completion tokens in the batch; Adam. With
 ``exp(logp - logp_old)`` departs from 1.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +76,11 @@ def clipped_loss(logp, old_logp, advantages, mask, config: GRPOConfig, ref_logp=
   return (per_token * mask).sum() / tokens, clip_frac
 
 
-def make_grpo(policy: policy_lib.Policy, config: GRPOConfig = GRPOConfig()):
+def make_grpo(policy: policy_lib.Policy | Any, config: GRPOConfig = GRPOConfig()):
   """Returns ``(tx, update)``; ``update(params, opt_state, batch, ref_params) -> (params, opt_state, stats)``.
 
-  ``update`` is for one node; ``ref_params`` is only read when ``kl_coef > 0``.
+  ``update`` is for one node; ``ref_params`` is only read when ``kl_coef > 0``. ``policy``
+  is anything with ``rollouts`` (``policy.Rollouts``): the small policy or an ``LMPolicy``.
   """
   tx = optax.adam(config.lr, eps=config.adam_eps)
 
@@ -88,8 +89,8 @@ def make_grpo(policy: policy_lib.Policy, config: GRPOConfig = GRPOConfig()):
     prompts = jnp.repeat(batch.prompts, g, axis=0)  # [Q*G, P]
     completions = batch.completions.reshape(q * g, t)  # [Q*G, T]
     adv = (group_advantages(batch.rewards) * batch.weight[:, None]).reshape(q * g)  # [Q*G]
-    mask = policy_lib.completion_mask(completions) * jnp.repeat(batch.weight, g)[:, None]
-    logp_of = lambda p: policy_lib.token_logprobs(policy, p, prompts, completions)
+    mask = policy.rollouts.completion_mask(completions) * jnp.repeat(batch.weight, g)[:, None]
+    logp_of = lambda p: policy.rollouts.token_logprobs(p, prompts, completions)
     # re-encoding under the node's own policy: the old log-probs are its own
     old_logp = jax.lax.stop_gradient(logp_of(params))
     ref_logp = None

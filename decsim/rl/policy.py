@@ -11,6 +11,7 @@ over that axis from the outside.
 how ``sample`` generates. The two agree (tested).
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -95,6 +96,21 @@ class Transformer(nn.Module):
     return self.head(self.ln(x)), jnp.stack(new)
 
 
+class Rollouts(NamedTuple):
+  """What SAPO and GRPO ask of a policy, for one node (vmapped over nodes by them).
+
+  This small transformer's are ``Policy.rollouts``; a pretrained language model's
+  are built by ``decsim.rl.lm_policy``. Prompts are task tokens (``tasks``);
+  completions are the policy's own tokens, which ``task_tokens`` turns into task
+  tokens for the verifier.
+  """
+
+  sample: Callable  # (params, key, prompts [B, P], T, temperature) -> completions [B, T]
+  token_logprobs: Callable  # (params, prompts [B, P], completions [B, T]) -> [B, T]
+  completion_mask: Callable  # (completions [..., T]) -> 1.0 up to and including EOS [..., T]
+  task_tokens: Callable  # (completions [..., T]) -> task tokens [..., T'] for the verifier
+
+
 class Policy(NamedTuple):
   """Pure functions of one node's policy; vmap them over the node axis."""
 
@@ -103,6 +119,12 @@ class Policy(NamedTuple):
   apply: Callable  # (params, tokens [B, L]) -> logits [B, L, V]
   decode_step: Callable  # (params, token [B], pos, cache) -> (logits [B, V], cache)
   init_cache: Callable  # (batch) -> cache [layers, 2, B, Lmax, H, Dh]
+
+  @property
+  def rollouts(self) -> Rollouts:
+    """Its completions are task tokens already."""
+    return Rollouts(functools.partial(sample, self), functools.partial(token_logprobs, self),
+                    completion_mask, lambda completions: completions)
 
 
 def make_policy(config: PolicyConfig = PolicyConfig()) -> Policy:

@@ -20,6 +20,10 @@ round r - d), and per-node counts of bytes shared.
 
 All nodes run the same verifier program, so re-scoring the pool once is what
 every node's own re-scoring would give.
+
+The policy is anything with ``rollouts`` (``policy.Rollouts``): the small
+character transformer, or a pretrained Qwen2 model (``lm_policy``), whose
+completions ``rollouts.task_tokens`` turns into the task alphabet for the verifier.
 """
 
 import functools
@@ -119,7 +123,8 @@ def select_external(key: PRNGKey, rewards: jax.Array, online: jax.Array, j: int,
 
 
 def shared_bytes(prompt: jax.Array, completions: jax.Array) -> jax.Array:
-  """Bytes a node shares for its groups ``[N, I, ...]``: one byte per character, prompt once per group."""
+  """Bytes a node shares for its groups ``[N, I, ...]``: one byte per character, prompt once per group
+  (``completions`` in task tokens)."""
   prompt_chars = (prompt != tasks.PAD).sum((-1, -2))
   completion_chars = policy_lib.completion_mask(completions).sum((-1, -2, -3))
   return (prompt_chars + completion_chars).astype(jnp.int32)  # [N]
@@ -160,7 +165,7 @@ def rollout(policy: policy_lib.Policy, config: SapoConfig, params: Any, key: PRN
   """One node's G completions of each of its prompts ``[I, P]``: ``[I, G, T]``."""
   i, g = config.local_groups, config.generations
   flat = jnp.repeat(prompts, g, axis=0)  # [I*G, P]
-  out = policy_lib.sample(policy, params, key, flat, config.completion_len, config.temperature)
+  out = policy.rollouts.sample(params, key, flat, config.completion_len, config.temperature)
   return out.reshape(i, g, config.completion_len)
 
 
@@ -180,7 +185,8 @@ def share(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, r: jax.Ar
   skeys = rng.node_keys(key, r, node_ids, rng.Stream.ROLLOUT)
   completions = map_nodes(functools.partial(rollout, policy, config), config.node_chunk)(
       params, skeys, q.prompt)  # [N, I, G, T]
-  return Pool(q, completions, source.score(completions, q), online)  # rewards [N, I, G]
+  rewards = source.score(policy.rollouts.task_tokens(completions), q)  # [N, I, G]
+  return Pool(q, completions, rewards, online)
 
 
 def online_nodes(config: SapoConfig, key: PRNGKey, r: jax.Array) -> jax.Array:
@@ -202,8 +208,8 @@ def stale_pool(config: SapoConfig, history: Any, pool: Pool, r: jax.Array) -> tu
   return shared, history
 
 
-def training_batch(config: SapoConfig, key: PRNGKey, r: jax.Array, pool: Pool,
-                   shared: Pool) -> tuple[grpo_lib.Batch, jax.Array]:
+def training_batch(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, r: jax.Array,
+                   pool: Pool, shared: Pool) -> tuple[grpo_lib.Batch, jax.Array]:
   """Each node's I own groups plus J groups drawn from others' in ``shared``, re-scored
   with its verifier. Returns (the GRPO batch, leaves [N, I+J, ...], valid [N, J])."""
   n, i, j = config.nodes, config.local_groups, config.external_groups
@@ -215,7 +221,7 @@ def training_batch(config: SapoConfig, key: PRNGKey, r: jax.Array, pool: Pool,
   flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
   ext_q = jax.tree.map(flat, shared.questions)
   ext_completions = flat(shared.completions)
-  ext_rewards = config.source.score(ext_completions, ext_q)
+  ext_rewards = config.source.score(policy.rollouts.task_tokens(ext_completions), ext_q)
   batch = grpo_lib.Batch(
       prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [N, I+J, P]
       completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
@@ -257,7 +263,7 @@ def sapo_round(policy: policy_lib.Policy, config: SapoConfig, update,
   online = online_nodes(config, state.key, r)  # [N]
   pool = share(policy, config, state.key, r, params, online)  # 1. rollouts
   shared, history = stale_pool(config, state.history, pool, r)  # 2. this round's or r - d's
-  batch, valid = training_batch(config, state.key, r, pool, shared)  # 3. draws, re-scored
+  batch, valid = training_batch(policy, config, state.key, r, pool, shared)  # 3. draws, re-scored
   # 4. one GRPO update per online node, vmapped (re-encoding happens inside)
   ref = state.ref_params if use_ref else jnp.arange(config.nodes)  # a placeholder node axis
   new_params, new_opt, stats = map_nodes(functools.partial(train_node, update, use_ref),
@@ -266,7 +272,8 @@ def sapo_round(policy: policy_lib.Policy, config: SapoConfig, update,
   keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
   nodes = NodeState(jax.tree.map(keep, new_params, params),
                     jax.tree.map(keep, new_opt, state.nodes.opt_state))
-  sent = jnp.where(online, shared_bytes(pool.questions.prompt, pool.completions), 0)  # [N]
+  sent = jnp.where(online, shared_bytes(pool.questions.prompt,
+                                        policy.rollouts.task_tokens(pool.completions)), 0)  # [N]
   metrics = sapo_metrics(pool.rewards, online, batch, valid, stats.loss, sent)
   new_state = state.replace(round=r + 1, nodes=nodes, bytes_shared=state.bytes_shared + sent,
                             history=history)
