@@ -21,7 +21,7 @@ the next character is often ambiguous, so accuracy stays well below 1.
 * Test set: 20% of every role's samples, cut from a separate stretch of its text, so
   no test window overlaps a train window.
 
-Generation is host-side numpy and Python, deterministic in ``seed``; about 0.1 s for
+Generation is host-side numpy and Python, deterministic in ``seed``; under a second for
 10,000 samples.
 """
 
