@@ -1,6 +1,7 @@
 """Layers shared by the models.
 
-``PatchConv`` computes a 'SAME' convolution as patches @ kernel (im2col). It holds
+``PatchConv`` computes a 'SAME' convolution (or a strided one padded as PyTorch pads
+it, for the ResNets) as patches @ kernel (im2col). It holds
 the same parameter as ``flax.linen.Conv`` (a ``[*window, C_in, C_out]`` kernel and a
 bias) and computes the same function, but vectorises over the node axis as a
 batched matmul instead of a grouped convolution. Measured on XLA's CPU backend
