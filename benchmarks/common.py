@@ -1,4 +1,5 @@
-"""Workloads shared by the benchmarks: random MNIST-shaped data and a learner per model.
+"""Workloads shared by the benchmarks: random MNIST-shaped (CIFAR-shaped, text-shaped) data
+and a learner per model.
 
 Random data is enough to time a step (the FLOPs do not depend on the values),
 and needs no download.
@@ -13,17 +14,27 @@ import numpy as np
 from decsim import experiment
 from decsim.data import partition as partition_lib
 from decsim.data.sampler import NodeData
+from decsim.data import text
 from decsim.data.sources import ArrayDataset
 
 INPUT_SHAPES = {'logistic': (28, 28, 1), 'mlp': (28, 28, 1), 'lenet': (28, 28, 1),
-                'gn_lenet': (32, 32, 3)}
+                'gn_lenet': (32, 32, 3), 'gn_resnet8': (32, 32, 3), 'gn_resnet18': (32, 32, 3),
+                'char_lstm': (text.CONTEXT,)}
+VOCABULARY = {'char_lstm': len(text.VOCAB)}  # models that read token ids: random ids
 
 
-def random_dataset(input_shape, samples: int, seed: int = 0) -> ArrayDataset:
+def random_dataset(input_shape, samples: int, seed: int = 0,
+                   vocabulary: int | None = None) -> ArrayDataset:
+  """Uniform features in [0, 1) and 10 classes, or with ``vocabulary`` random token ids
+  labelled by random ids."""
   rng = np.random.default_rng(seed)
-  x = rng.random((samples, *input_shape), dtype=np.float32)
-  y = rng.integers(0, 10, samples).astype(np.int32)
-  return ArrayDataset('random', x, y, x[:100], y[:100], 10)
+  if vocabulary is None:
+    x = rng.random((samples, *input_shape), dtype=np.float32)
+    y = rng.integers(0, 10, samples).astype(np.int32)
+    return ArrayDataset('random', x, y, x[:100], y[:100], 10)
+  x = rng.integers(0, vocabulary, (samples, *input_shape)).astype(np.int32)
+  y = rng.integers(0, vocabulary, samples).astype(np.int32)
+  return ArrayDataset('random_text', x, y, x[:100], y[:100], vocabulary)
 
 
 MAX_SAMPLES = 60_000  # MNIST's train set: the data stays the same size above ~940 nodes
@@ -43,7 +54,8 @@ def workload(model: str, nodes: int, *, samples_per_node: int = 64, local_steps:
       batch_size=batch_size, node_chunk=node_chunk, topology='kregular', degree=degree,
       sample_size=min(sample_size, nodes), momentum=0.0, param_dtype=param_dtype,
       mixing=mixing, views=views)
-  dataset = random_dataset(INPUT_SHAPES[model], min(nodes * samples_per_node, MAX_SAMPLES))
+  dataset = random_dataset(INPUT_SHAPES[model], min(nodes * samples_per_node, MAX_SAMPLES),
+                           vocabulary=VOCABULARY.get(model))
   part = partition_lib.make_partition('iid', dataset.y_train, nodes, seed=0)
   data = NodeData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train), part.idx,
                   part.sizes)

@@ -33,7 +33,8 @@ spn = -(-common.MAX_SAMPLES // nodes)  # the same 60,000 samples at every N: onl
 config, learner, data = common.workload(model, nodes, protocol=protocol_name, param_dtype=dtype,
                                         samples_per_node=spn)
 config = common.replace(config, momentum=0.9)  # the default run: momentum state included
-learner, _ = experiment.make_learner(config, common.random_dataset(common.INPUT_SHAPES[model], 8))
+learner, _ = experiment.make_learner(config, common.random_dataset(
+    common.INPUT_SHAPES[model], 8, vocabulary=common.VOCABULARY.get(model)))
 protocol = experiment.make_protocol(config, learner)
 state = jax.jit(protocol.init)(jax.random.key(0), data)
 per_node = sharding.bytes_per_node(state.nodes)

@@ -6,7 +6,8 @@ donated), ``loop_jax`` a Python loop over nodes of a jitted single-node step
 (fedjax's default backend), ``loop_torch`` a PyTorch module-per-node loop
 (decentralizepy, gossipy; only when torch is installed), all measured in the
 same process on the same workload: ``--local_steps`` SGD steps of batch 32 per
-trained node on random MNIST-shaped data; D-PSGD mixes on a random 4-regular
+trained node on random MNIST-shaped data (32x32x3 for ``gn_lenet`` and the GN-ResNets,
+40 random character ids for ``char_lstm``); D-PSGD mixes on a random 4-regular
 graph with Metropolis-Hastings weights, FedAvg trains s=10 sampled clients.
 ``node_steps_per_second`` counts the optimiser steps of the nodes that trained
 (N for D-PSGD, s for FedAvg); compile time is reported separately.
@@ -18,6 +19,8 @@ of the device's (or host's) free memory; the others are recorded as skipped.
   python -m benchmarks.throughput --models=logistic,mlp,lenet --nodes=100,1000,4000,10000 \
       --json=runs/bench/full.json
   python -m benchmarks.throughput --models=lenet --nodes=100 --node_chunks=1,2,4,8,16 --modes=vmap
+  python -m benchmarks.throughput --models=gn_resnet8,char_lstm --nodes=8 --protocols=dpsgd \
+      --node_chunks=0,1,2,4 --rounds=1 --repeats=2 --modes=vmap,loop_jax   # CIFAR and text
 """
 
 import json
@@ -32,7 +35,8 @@ from decsim import experiment, mixing, sharding, simulate
 from decsim.protocols.base import init_params
 from decsim.topology import build_topology
 
-flags.DEFINE_list('models', ['logistic', 'mlp', 'lenet'], 'Models to time.')
+flags.DEFINE_list('models', ['logistic', 'mlp', 'lenet'], 'Models to time (any --model: also '
+                  'gn_lenet, gn_resnet8, gn_resnet18, char_lstm).')
 flags.DEFINE_list('nodes', ['100', '1000', '4000', '10000'], 'Node counts N.')
 flags.DEFINE_list('protocols', ['dpsgd', 'fedavg'], 'dpsgd, fedavg (s=10 clients) and/or '
                   'modest (s=10, a=1; no loop baseline; modest_local: per-node views).')

@@ -24,10 +24,12 @@ class DataConfig(Component):
   """Data and its partition over nodes."""
 
   dataset: str = option('mnist1d', 'mnist1d (embedded, generated locally), synthetic (LEAF), '
-                        'or a prepared TFDS dataset: mnist, fashion_mnist, cifar10, emnist.',
+                        'text (generated lines of one role per node, next character; '
+                        '--model=char_lstm), or a prepared TFDS dataset: mnist, '
+                        'fashion_mnist, cifar10, emnist.',
                         choices=DATASETS)
-  num_samples: int = option(10_000, 'Samples generated (mnist1d, synthetic; 80/20 train/test) '
-                            'or the train subset of a real dataset (0: all).', low=0,
+  num_samples: int = option(10_000, 'Samples generated (mnist1d, synthetic, text; 80/20 '
+                            'train/test) or the train subset of a real dataset (0: all).', low=0,
                             hint='(0: the whole dataset)')
   data_dir: str | None = option(None, 'TFDS data directory of the real datasets.')
   partition: str = option('dirichlet', 'How samples are split over nodes.',
@@ -44,7 +46,8 @@ class DataConfig(Component):
 class ModelConfig(Component):
   """Model."""
 
-  model: str = option('lenet', 'logistic, mlp, lenet (LeNet-5) or gn_lenet.',
+  model: str = option('lenet', 'logistic, mlp, lenet (LeNet-5), gn_lenet, gn_resnet8, '
+                      'gn_resnet18 (group-norm ResNets) or char_lstm (--dataset=text).',
                       choices=MODELS)
   init: str = option('shared', 'shared: one model for all nodes; independent: a draw each.',
                      choices=('shared', 'independent'))

@@ -32,7 +32,7 @@ from decsim.data import sources
 from decsim.data.sampler import NodeData
 from decsim.errors import ConfigError  # noqa: F401 - part of this module's API (tests, users)
 from decsim.local import learning_rate_scale, make_local_update, make_optimizer
-from decsim.models import ModelSpec, build_model
+from decsim.models import ModelSpec, build_model, check_inputs
 from decsim.protocols import registry
 from decsim.protocols.base import Learner, Protocol
 from decsim.rng import Seeds
@@ -131,6 +131,8 @@ def make_learner(c: ExperimentConfig, dataset: sources.ArrayDataset,
   """The learner of ``c`` (or of your flax ``module``, which maps a batch ``[B, ...]`` to
   logits ``[B, classes]``); ``transform`` is chained before the local optimiser."""
   spec = build_model(c.model, dataset.num_classes) if module is None else ModelSpec(module, 0)
+  if module is None:
+    check_inputs(c.model, spec, dataset.name, dataset.x_train)
   sample = jnp.zeros((1, *dataset.x_train.shape[1:]), jnp.float32)
   dtype = jnp.dtype(c.param_dtype)  # params, optimiser state and transfers; compute stays float32
   init_params = lambda key: jax.tree.map(lambda p: p.astype(dtype),

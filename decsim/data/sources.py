@@ -14,7 +14,8 @@
 
 Feature arrays are float32 with a trailing channel axis for images and signals
 (``[M, 28, 28, 1]``, ``[M, 40, 1]``, ``[M, 32, 32, 3]``) and plain vectors for
-``synthetic`` (``[M, 60]``); labels are int32 ``[M]``.
+``synthetic`` (``[M, 60]``); ``text`` (``decsim/data/text.py``, generated lines of
+many roles) holds int32 character ids ``[M, 40]``; labels are int32 ``[M]``.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ import zipfile
 import numpy as np
 from decsim.errors import ConfigError
 
-DATASETS = ('mnist1d', 'synthetic', 'mnist', 'fashion_mnist', 'cifar10', 'emnist')
+DATASETS = ('mnist1d', 'synthetic', 'text', 'mnist', 'fashion_mnist', 'cifar10', 'emnist')
 
 # decsim name -> TFDS name.
 _TFDS_NAMES = {
@@ -97,7 +98,7 @@ def load_dataset(
   """Loads dataset ``name`` (one of ``DATASETS``) as host numpy arrays.
 
   Args:
-    name: ``mnist1d`` | ``synthetic`` | ``mnist`` | ``fashion_mnist`` | ``cifar10``
+    name: ``mnist1d`` | ``synthetic`` | ``text`` | ``mnist`` | ``fashion_mnist`` | ``cifar10``
       | ``emnist``.
     data_dir: TFDS data directory holding the prepared real datasets (default:
       TFDS's own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
@@ -107,7 +108,8 @@ def load_dataset(
       whole). ``0`` or ``None``: the whole real dataset, or the generators'
       standard sizes (5,000 for ``mnist1d``, 10,000 for ``synthetic``).
     seed: fixes generation and subsampling; the same seed gives the same arrays.
-    nodes: number of users of ``synthetic`` (required there, unused elsewhere).
+    nodes: number of users of ``synthetic`` (required there) and of roles of ``text``
+      (default 100); unused elsewhere.
     cache_dir: where ``mnist1d`` is cached (default ``$DECSIM_CACHE`` or
       ``~/.cache/decsim``).
     synthetic_alpha: how much the users' models differ (Synthetic(alpha, beta)).
@@ -123,6 +125,9 @@ def load_dataset(
   if name == 'synthetic':
     return _synthetic(num_samples or _SYNTHETIC_DEFAULT_SAMPLES, nodes, seed,
                       synthetic_alpha, synthetic_beta)
+  if name == 'text':  # generated lines of many roles, character ids (decsim/data/text.py)
+    from decsim.data import text  # pylint: disable=g-import-not-at-top  # imports this module
+    return text.load_text(num_samples, nodes, seed)
   if name in _TFDS_NAMES:
     return _tfds(name, data_dir, num_samples, seed)
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')

@@ -2,7 +2,9 @@
 
 Inputs carry a trailing channel axis (``[B, 40, 1]`` MNIST-1D, ``[B, 28, 28, 1]``
 MNIST, ``[B, 32, 32, 3]`` CIFAR-10, ``[B, F]`` tabular); the convolutional models
-work for one or two spatial axes. Tian et al. (2024) argue the Xavier scale is
+work for one or two spatial axes. ``gn_resnet8`` and ``gn_resnet18`` are in
+``resnet.py``; ``char_lstm`` (``char_lstm.py``) reads character ids ``[B, T]``
+instead (``--dataset=text``). Tian et al. (2024) argue the Xavier scale is
 what averaging destroys, so every model starts from it.
 """
 
@@ -10,9 +12,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
+from decsim.errors import ConfigError
+from decsim.models.char_lstm import CharLSTM
 from decsim.models.layers import PatchConv, xavier_uniform
+from decsim.models.resnet import gn_resnet8, gn_resnet18
 
 
 def _dense(features: int) -> nn.Dense:
@@ -90,13 +96,25 @@ class ModelSpec(NamedTuple):
   module: nn.Module
   # Nodes per chunk when vectorising local training on a CPU (0: one vmap over all).
   cpu_node_chunk: int
+  # Reads integer token ids (char_lstm) rather than float features.
+  tokens: bool = False
 
 
-MODELS = ('logistic', 'mlp', 'lenet', 'gn_lenet')
+# Measured CPU chunks of the new models (BUILD_NOTES.md, "Models for CIFAR and text").
+CPU_CHUNK_RESNET8 = 2
+CPU_CHUNK_RESNET18 = 1
+CPU_CHUNK_LSTM = 0
+
+
+MODELS = ('logistic', 'mlp', 'lenet', 'gn_lenet', 'gn_resnet8', 'gn_resnet18', 'char_lstm')
 
 
 def build_model(name: str, num_classes: int) -> ModelSpec:
-  """The flax module called ``name`` and how best to vectorise it on a CPU."""
+  """The flax module called ``name`` and how best to vectorise it on a CPU.
+
+  ``cpu_node_chunk`` was measured with ``benchmarks.throughput --node_chunks`` on the
+  dev CPU (BUILD_NOTES.md, "CPU vectorisation" and "Models for CIFAR and text").
+  """
   if name == 'logistic':
     return ModelSpec(Logistic(num_classes), cpu_node_chunk=0)
   if name == 'mlp':
@@ -105,4 +123,25 @@ def build_model(name: str, num_classes: int) -> ModelSpec:
     return ModelSpec(LeNet5(num_classes), cpu_node_chunk=4)
   if name == 'gn_lenet':
     return ModelSpec(GNLeNet(num_classes), cpu_node_chunk=4)
+  if name == 'gn_resnet8':
+    return ModelSpec(gn_resnet8(num_classes), cpu_node_chunk=CPU_CHUNK_RESNET8)
+  if name == 'gn_resnet18':
+    return ModelSpec(gn_resnet18(num_classes), cpu_node_chunk=CPU_CHUNK_RESNET18)
+  if name == 'char_lstm':
+    return ModelSpec(CharLSTM(num_classes), cpu_node_chunk=CPU_CHUNK_LSTM, tokens=True)
   raise ValueError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
+
+
+def check_inputs(name: str, spec: ModelSpec, dataset_name: str, features) -> None:
+  """Refuses a model that reads token ids on float features, and the reverse.
+
+  ``features`` is the train array of the dataset called ``dataset_name``; integer
+  features are token ids.
+  """
+  tokens = jnp.issubdtype(features.dtype, jnp.integer)
+  if spec.tokens and not tokens:
+    raise ConfigError(f'--model={name} reads character ids but --dataset={dataset_name} holds '
+                      'float features: use --dataset=text')
+  if tokens and not spec.tokens:
+    raise ConfigError(f'--dataset={dataset_name} holds character ids: use --model=char_lstm '
+                      f'(--model={name} reads float features)')
