@@ -236,7 +236,8 @@ def make_sizes(key: PRNGKey, nodes: int, c) -> jax.Array:
 
 def synthetic_data(seed: int, nodes: int, c, alpha: float = 1.0, beta: float = 1.0
                    ) -> VirtualData:
-  """Synthetic(alpha, beta) with ``nodes`` generated clients."""
+  """Synthetic(alpha, beta) with ``nodes`` generated clients; ``c`` holds the size options
+  (a ``ClientDataConfig``)."""
   key = data_key(seed)
   empty = jnp.zeros((0,), jnp.int32)
   return VirtualData(key=key, sizes=make_sizes(key, nodes, c),
@@ -246,9 +247,10 @@ def synthetic_data(seed: int, nodes: int, c, alpha: float = 1.0, beta: float = 1
                      kind='synthetic', max_size=c.client_size_max, alpha=alpha, beta=beta)
 
 
-def virtual_data(seed: int, nodes: int, c, x: np.ndarray, y: np.ndarray,
-                 num_classes: int) -> VirtualData:
-  """Virtual clients over the base train set ``x [M, ...]``, ``y [M]``."""
+def virtual_data(seed: int, nodes: int, c, x: np.ndarray, y: np.ndarray, num_classes: int,
+                 alpha: float) -> VirtualData:
+  """Virtual clients over the base train set ``x [M, ...]``, ``y [M]``, label mixes ~
+  Dirichlet(alpha); ``c`` holds the size options (a ``ClientDataConfig``)."""
   key = data_key(seed)
   y = np.asarray(y, np.int32)
   count = np.bincount(y, minlength=num_classes).astype(np.int32)  # [C]
@@ -257,7 +259,7 @@ def virtual_data(seed: int, nodes: int, c, x: np.ndarray, y: np.ndarray,
                      base_y=jnp.asarray(y),
                      by_class=jnp.asarray(np.argsort(y, kind='stable').astype(np.int32)),
                      class_start=jnp.asarray(start), class_count=jnp.asarray(count),
-                     kind='virtual', max_size=c.client_size_max, alpha=c.alpha)
+                     kind='virtual', max_size=c.client_size_max, alpha=alpha)
 
 
 def synthetic_test_set(data: VirtualData, seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -297,4 +299,4 @@ def load(c, seed: int, dataset=None):
     dataset = sources.load_dataset(c.dataset, data_dir=c.data_dir, num_samples=c.num_samples,
                                    seed=seed, nodes=c.nodes)
   return dataset, virtual_data(seed, c.nodes, c, dataset.x_train, dataset.y_train,
-                               dataset.num_classes)
+                               dataset.num_classes, c.alpha)

@@ -135,8 +135,8 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r = state.round
-    ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available,
-                                  sample_size)  # [s], [s]
+    ids, valid = sample_clients(round_key(state.key, r, Stream.SAMPLE), state.available,
+                                sample_size)  # [s], [s]
     params = broadcast(state.extra.global_params, sample_size)
     opt_state = jax.vmap(learner.tx.init)(params)
     keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
@@ -167,6 +167,33 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     return state.extra.global_params
 
   return Protocol(init, round_, model, client_models=in_flight)
+
+
+SPARSE_SAMPLE_MIN_NODES = 65_536  # sample_clients: O(s) draws from here on
+
+
+def sample_clients(key: PRNGKey, available: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:
+  """``s`` distinct clients drawn uniformly among the available ones: ``(ids [s], valid [s])``.
+
+  Up to ``SPARSE_SAMPLE_MIN_NODES`` nodes this is ``base.sample_available`` (top s of N
+  uniform scores, O(N)). Beyond, it draws ``8 s + 64`` ids uniformly with replacement,
+  keeps the available ones at their first occurrence, and takes the first s: a uniform
+  s-subset of the available nodes (sequential sampling without replacement by
+  rejection) in O(s log s). When too few come through (most nodes offline) the round
+  falls back to the O(N) draw.
+  """
+  nodes = available.shape[0]
+  if nodes < SPARSE_SAMPLE_MIN_NODES:
+    return sample_available(key, available, s)
+  k_draw, k_dense = jax.random.split(key)
+  ids = jax.random.randint(k_draw, (8 * s + 64,), 0, nodes, jnp.int32)  # [k]
+  order = jnp.argsort(ids, stable=True)  # [k]
+  repeat = jnp.zeros(ids.shape, bool).at[order[1:]].set(ids[order[1:]] == ids[order[:-1]])
+  keep = available[ids] & ~repeat  # [k]
+  slot = jnp.where(keep, jnp.cumsum(keep) - 1, s)  # [k] position among the kept
+  picked = jnp.zeros((s,), jnp.int32).at[slot].set(ids, mode='drop')  # [s]
+  return jax.lax.cond(jnp.sum(keep) >= s, lambda: (picked, jnp.ones((s,), bool)),
+                      lambda: sample_available(k_dense, available, s))
 
 
 def in_flight(state: SimState) -> tuple[Stacked, jax.Array]:

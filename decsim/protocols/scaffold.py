@@ -66,7 +66,7 @@ from decsim.data.sampler import NodeData
 from decsim.network import (Network, message_bytes, model_messages,
                             uniform_network)
 from decsim.protocols import fedavg, registry
-from decsim.protocols.base import Learner, Protocol, broadcast, sample_available, train_nodes
+from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
@@ -130,8 +130,8 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, extra = state.round, state.extra
-    ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available,
-                                  sample_size)  # [s], [s]
+    ids, valid = fedavg.sample_clients(round_key(state.key, r, Stream.SAMPLE), state.available,
+                                       sample_size)  # [s], [s]
     x = extra.server.global_params
     params = broadcast(x, sample_size)  # [s, ...]
     c_i = jax.tree.map(lambda v: v[ids], extra.client_controls)  # [s, ...]
