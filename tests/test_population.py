@@ -2,6 +2,7 @@
 without a table are functions of (seed, client); a run with generated clients holds no
 N x L and no N x model array; the FL server is found without an N x N matrix."""
 
+import dataclasses
 import json
 
 import chex
@@ -254,3 +255,19 @@ def test_sparse_client_sampling_is_uniform_distinct_and_available():
   few = jnp.arange(n) < 40  # 40 available: fewer than s
   ids, valid = map(np.asarray, draw(keys[:2], few))
   assert valid.sum(1).tolist() == [40, 40] and set(ids[0][valid[0]]) == set(range(40))
+
+
+@pytest.mark.parametrize('protocol', ['fedavg', 'fedprox', 'scaffold'])
+def test_only_scaffold_keeps_a_model_per_client(tiny_config, protocol):
+  """The state's node-axis leaves (shapes only, nothing runs): FedAvg and FedProx keep the
+  byte counters and the availability mask; SCAFFOLD adds its N control variates."""
+  config = dataclasses.replace(tiny_config, protocol=protocol, model='logistic', momentum=0.0)
+  exp = experiment.build(config)
+  shapes = jax.eval_shape(exp.protocol.init, jax.random.key(0), exp.data)
+  per_node = [l for l in jax.tree.leaves(shapes) if l.ndim and l.shape[0] == config.nodes]
+  controls = jax.tree.leaves(shapes.extra.client_controls) if protocol == 'scaffold' else []
+  assert len(per_node) == 2 + len(controls)
+  model = jax.tree.leaves(exp.protocol.model(shapes))
+  if protocol == 'scaffold':  # one control variate per client, shaped like the model
+    assert [l.shape[1:] for l in controls] == [l.shape for l in model]
+  chex.assert_tree_shape_prefix(shapes.nodes.params, (config.sample_size,))

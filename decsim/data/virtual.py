@@ -131,8 +131,8 @@ class VirtualData:
   class_count: jax.Array  # [C] int32 samples of each label
   kind: str = struct.field(pytree_node=False, default='synthetic')  # or 'virtual'
   max_size: int = struct.field(pytree_node=False, default=1)  # L: the longest client
-  alpha: float = struct.field(pytree_node=False, default=1.0)  # synthetic alpha / Dirichlet
-  beta: float = struct.field(pytree_node=False, default=1.0)  # synthetic beta
+  alpha: jax.Array = 1.0  # [] synthetic alpha, or the label mixes' Dirichlet concentration
+  beta: jax.Array = 1.0  # [] synthetic beta
 
   @property
   def num_nodes(self) -> int:
@@ -244,7 +244,8 @@ def synthetic_data(seed: int, nodes: int, c, alpha: float = 1.0, beta: float = 1
                      base_x=jnp.zeros((0, SYNTHETIC_DIM), jnp.float32), base_y=empty,
                      by_class=empty, class_start=jnp.zeros((SYNTHETIC_CLASSES,), jnp.int32),
                      class_count=jnp.zeros((SYNTHETIC_CLASSES,), jnp.int32),
-                     kind='synthetic', max_size=c.client_size_max, alpha=alpha, beta=beta)
+                     kind='synthetic', max_size=c.client_size_max,
+                     alpha=jnp.float32(alpha), beta=jnp.float32(beta))
 
 
 def virtual_data(seed: int, nodes: int, c, x: np.ndarray, y: np.ndarray, num_classes: int,
@@ -259,7 +260,8 @@ def virtual_data(seed: int, nodes: int, c, x: np.ndarray, y: np.ndarray, num_cla
                      base_y=jnp.asarray(y),
                      by_class=jnp.asarray(np.argsort(y, kind='stable').astype(np.int32)),
                      class_start=jnp.asarray(start), class_count=jnp.asarray(count),
-                     kind='virtual', max_size=c.client_size_max, alpha=alpha)
+                     kind='virtual', max_size=c.client_size_max, alpha=jnp.float32(alpha),
+                     beta=jnp.float32(1.0))
 
 
 def synthetic_test_set(data: VirtualData, seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
