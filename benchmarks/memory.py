@@ -37,7 +37,9 @@ learner, _ = experiment.make_learner(config, common.random_dataset(
     common.INPUT_SHAPES[model], 8, vocabulary=common.VOCABULARY.get(model)))
 protocol = experiment.make_protocol(config, learner)
 state = jax.jit(protocol.init)(jax.random.key(0), data)
-per_node = sharding.bytes_per_node(state.nodes)
+# Bytes of the state's node axis: leaves with N rows (FedAvg's s rows in flight are not per node).
+per_node = sharding.bytes_per_node([l for l in jax.tree.leaves(state)
+                                    if getattr(l, 'ndim', 0) and l.shape[0] == nodes])
 chunk = simulate.compile_chunk(protocol, state, data, 2)
 for _ in range(2):
   state, _ = chunk(state, data)
@@ -65,7 +67,8 @@ def main(argv):
     for protocol in FLAGS.protocols:
       a, b = measure(protocol, model, lo, FLAGS.param_dtype), measure(protocol, model, hi,
                                                                        FLAGS.param_dtype)
-      # The node state must be resident: below it the slope is RSS noise (small models).
+      # The node state must be resident: below it the slope is RSS noise (small models;
+      # FedAvg's state per node is now its byte counters and availability only).
       slope = max((b['peak_bytes'] - a['peak_bytes']) / (hi - lo), a['state_bytes_per_node'])
       intercept = a['peak_bytes'] - slope * lo
       fits = {t: int((float(t) * 2**30 - intercept) / slope) for t in FLAGS.targets_gib}

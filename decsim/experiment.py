@@ -28,7 +28,7 @@ from decsim.config import check
 from decsim.configs import (MAX_LOCAL_STEPS, DataConfig, ModelConfig, RunConfig, TopologyConfig,
                             TrainConfig, VarianceConfig)
 from decsim.data import partition as partition_lib
-from decsim.data import sources
+from decsim.data import sources, virtual
 from decsim.data.sampler import NodeData
 from decsim.errors import ConfigError  # noqa: F401 - part of this module's API (tests, users)
 from decsim.local import learning_rate_scale, make_local_update, make_optimizer
@@ -38,7 +38,7 @@ from decsim.protocols.base import Learner, Protocol
 from decsim.rng import Seeds
 
 COMMON = (VarianceConfig, churn_lib.ChurnConfig, network_lib.NetworkConfig, TopologyConfig,
-          TrainConfig, ModelConfig, DataConfig, RunConfig)
+          TrainConfig, ModelConfig, virtual.ClientDataConfig, DataConfig, RunConfig)
 
 
 def _check_experiment(c) -> None:
@@ -47,6 +47,7 @@ def _check_experiment(c) -> None:
   if spec.check is not None:
     spec.check(c)
   churn_lib.validate(c, c.nodes)
+  virtual.validate(c)
 
 
 def experiment_config_class() -> type:
@@ -104,6 +105,8 @@ def load_data(c: ExperimentConfig, dataset: sources.ArrayDataset | None = None,
   """``--dataset`` (or the given arrays) split over the nodes by ``--partition``; with
   ``--local_test_fraction`` also each node's held-out local test samples (else None)."""
   seed = seeds_of(c, seeds).data
+  if virtual.generated(c):  # no [N, L] table: clients made from (seed, c) in the round
+    return (*virtual.load(c, seed, dataset), None)
   if dataset is None:
     dataset = sources.load_dataset(c.dataset, data_dir=c.data_dir, num_samples=c.num_samples,
                                    seed=seed, nodes=c.nodes)
@@ -271,19 +274,35 @@ def _memory_limit() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def check_feasible(c: ExperimentConfig, learner: Learner, data: NodeData) -> None:
-  """Refuses what would only fail later: too many local steps, partitions or bytes."""
-  steps = math.ceil(c.local_epochs * int(data.idx.shape[1]) / c.batch_size)
+def check_feasible(c: ExperimentConfig, learner: Learner, data: NodeData,
+                   protocol: Protocol | None = None) -> None:
+  """Refuses what would only fail later: too many local steps, partitions or bytes (the
+  protocol's state where given, else N models with their optimiser state)."""
+  steps = math.ceil(c.local_epochs * data_width(data) / c.batch_size)
   check(steps <= MAX_LOCAL_STEPS,
         f'--local_epochs={c.local_epochs} means {steps} local steps per round for the largest '
         f'node (at most {MAX_LOCAL_STEPS}): lower --local_epochs or raise --batch_size')
   slots = {'sgd': 2, 'adam': 3}[c.optimizer]  # params + momentum (+ second moment)
   together = c.replicas if c.replicas_vmapped else 1  # replicas in memory at once
   need = together * c.nodes * learner.model_bytes() * (slots + 1)  # + one transient copy
+  if protocol is not None:  # the state it keeps (FedAvg: O(s)) and a transient copy of its rows
+    shapes = jax.eval_shape(protocol.init, jax.random.key(0), data)
+    need = together * (_tree_bytes(shapes) + _tree_bytes(shapes.nodes.params))
   limit = _memory_limit()
   check(need <= limit, f'--nodes={c.nodes} x {together} replica(s) of this --model need about '
         f'{need / 2 ** 30:.1f} GiB for models and optimiser state, more than the '
         f'{limit / 2 ** 30:.1f} GiB here: lower --nodes, use --param_dtype=bfloat16 or --devices')
+
+
+def data_width(data) -> int:
+  """L: the longest client's samples (a table's row width, or generated clients' maximum)."""
+  return int(data.max_size)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+             if hasattr(leaf, 'size') and not jax.dtypes.issubdtype(leaf.dtype,
+                                                                    jax.dtypes.prng_key))
 
 
 def build(c: ExperimentConfig, *, dataset: sources.ArrayDataset | None = None,
@@ -297,10 +316,10 @@ def build(c: ExperimentConfig, *, dataset: sources.ArrayDataset | None = None,
   validate(c)
   dataset, data, local_test = load_data(c, dataset, seeds)
   learner, apply_fn = make_learner(c, dataset, module=module)
-  check_feasible(c, learner, data)
   protocol = make_protocol(c, learner,
                            lambda transform: make_learner(c, dataset, transform, module)[0],
                            seeds)
+  check_feasible(c, learner, data, protocol)
   evaluate = make_evaluate(c, protocol, apply_fn, jnp.asarray(dataset.x_test),
                            jnp.asarray(dataset.y_test), data, local_test, seeds)
   return Experiment(c, protocol, learner, data, evaluate, dataset, apply_fn)

@@ -79,7 +79,7 @@ def _by_leading_axis(tree: Any, mesh: Mesh, nodes: int) -> Any:
 def state_shardings(state: SimState, mesh: Mesh) -> SimState:
   """A pytree of shardings for ``state`` (arrays or ``jax.eval_shape`` structs).
 
-  Every leaf whose leading axis is the node axis (N, read from ``state.nodes``)
+  Every leaf whose leading axis is the node axis (N, read from ``state.available``)
   is split over the mesh: the stacked params and optimiser state, the per-node
   counters and availability mask, per-node fields of a protocol's ``extra``
   (ages, views). The rest — round, key, clock, a server model — is replicated.
@@ -88,7 +88,7 @@ def state_shardings(state: SimState, mesh: Mesh) -> SimState:
   weight with a dimension equal to N) gives the same results with more
   communication.
   """
-  nodes = jax.tree.leaves(state.nodes)[0].shape[0]
+  nodes = state.available.shape[0]
   return _by_leading_axis(state, mesh, nodes)
 
 

@@ -18,9 +18,10 @@ from decsim.types import PRNGKey, Stacked
 
 @struct.dataclass
 class NodeState:
-  """The N node models, stacked: every leaf has a leading axis of size N."""
+  """The node models, stacked: every leaf has a leading axis of size N — or, for a
+  protocol whose clients are stateless (FedAvg), of size s: only the rows in flight."""
 
-  params: Stacked  # leaves [N, ...]
+  params: Stacked  # leaves [N, ...] (FedAvg: [s, ...])
   opt_state: optax.OptState  # leaves [N, ...]
 
 
@@ -53,8 +54,11 @@ class RoundMetrics:
   node_steps: jax.Array  # [] int32, local optimiser steps summed over nodes
 
 
-def init_sim_state(key: PRNGKey, nodes: NodeState, extra: Any = None) -> SimState:
-  n = jax.tree.leaves(nodes.params)[0].shape[0]
+def init_sim_state(key: PRNGKey, nodes: NodeState, extra: Any = None,
+                   num_nodes: int | None = None) -> SimState:
+  """Round 0 with ``nodes``' rows; ``num_nodes`` (default: the rows' count) sizes the
+  per-node counters and mask when the rows are only the ones in flight."""
+  n = jax.tree.leaves(nodes.params)[0].shape[0] if num_nodes is None else num_nodes
   return SimState(
       round=jnp.zeros((), jnp.int32),
       key=key,

@@ -70,7 +70,7 @@ TOO_LITTLE_DATA = [
 ALLOCATIONS = [
     (['--sites=100000'], '--sites'),
     (['--replicas=1000', '--replica_fix=data,graph,network', '--nodes=200', '--num_samples=2000',
-      '--model=lenet'], 'GiB'),
+      '--model=lenet', '--protocol=dpsgd'], 'GiB'),  # N models each (FedAvg's state is O(s))
     (['--protocol=gossip', '--init=independent', '--gossip_partitions=1000000000'],
      '--gossip_partitions'),
     (['--replicas=100000'], '--replicas'),

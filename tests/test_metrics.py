@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,6 +108,21 @@ def test_local_accuracy_scores_the_model_each_node_holds_on_its_own_held_out_sam
   assert row['local_accuracy_median'] == pytest.approx(np.median(own), abs=1e-6)
 
 
+def _fedavg_clients_one_by_one(exp, before, clients):
+  """The models FedAvg's clients of round ``before.round`` train from its global model, each
+  by the single-node local update (leaves [N, ...], rows of other nodes unset), and their ids."""
+  from decsim.rng import Stream, node_keys
+  ids = [int(i) for i in np.asarray(clients) if i < exp.config.nodes]
+  keys = node_keys(before.key, before.round, jnp.asarray(ids), Stream.BATCH)
+  update = jax.jit(lambda key, row, size: exp.learner.local_update(
+      exp.protocol.model(before), exp.learner.tx.init(exp.protocol.model(before)), key,
+      exp.data.x, exp.data.y, row, size).params)
+  rows = {i: update(keys[j], exp.data.idx[i], exp.data.sizes[i]) for j, i in enumerate(ids)}
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
+      rows.get(i, exp.protocol.model(before)) for i in range(exp.config.nodes)])
+  return stacked, ids
+
+
 def P_lists(part):
   from decsim.data import partition as P
   return P.to_lists(part)
@@ -122,11 +138,14 @@ def test_client_accuracy_scores_the_models_the_last_rounds_clients_trained(tiny_
                                p_online=p_online, seed=3)
   exp, before = _after_rounds(config, rounds=1)
   state, _ = jax.jit(exp.protocol.round)(before, exp.data)
-  changed = [i for i in range(12) if any(
-      not np.array_equal(a[i], b[i]) for a, b in zip(jax.tree.leaves(state.nodes.params),
-                                                     jax.tree.leaves(before.nodes.params)))]
+  if protocol == 'fedavg':  # O(s) state: each client trained again, one at a time
+    trained, changed = _fedavg_clients_one_by_one(exp, before, state.extra.clients)
+  else:
+    trained, changed = state.nodes.params, [i for i in range(12) if any(
+        not np.array_equal(a[i], b[i]) for a, b in zip(jax.tree.leaves(state.nodes.params),
+                                                       jax.tree.leaves(before.nodes.params)))]
   assert 0 < len(changed) == min(6, int(np.sum(state.available)))  # offline draws drop out
-  own = _per_node(exp, state.nodes.params, changed)[:, 0]
+  own = _per_node(exp, trained, changed)[:, 0]
   row = jax.tree.map(float, jax.jit(exp.evaluate)(state))
   assert row['client_accuracy'] == pytest.approx(own.mean(), abs=1e-6)
   assert row['client_accuracy_min'] == pytest.approx(own.min(), abs=1e-6)

@@ -27,6 +27,11 @@ class NodeData:
   def num_nodes(self) -> int:
     return self.idx.shape[0]
 
+  @property
+  def max_size(self) -> int:
+    """L: the width of the index rows."""
+    return self.idx.shape[1]
+
 
 def permutation(key: PRNGKey, size: jax.Array, max_len: int) -> jax.Array:
   """A random order of positions ``0..size-1`` first, then the padding: [max_len]."""

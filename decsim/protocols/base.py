@@ -81,10 +81,18 @@ def train_nodes(learner: Learner, params: Stacked, opt_state: optax.OptState, ke
                 round_: jax.Array | None = None) -> LocalResult:
   """Local update of the nodes in ``rows`` (all nodes when None); leaves [len(rows), ...].
   ``round_`` (the round being run) sets the learning rate of a schedule."""
-  idx, sizes = (data.idx, data.sizes) if rows is None else (data.idx[rows], data.sizes[rows])
   if learner.lr_scale is not None and round_ is None:
     raise ValueError('train_nodes: this learner has a learning-rate schedule; pass round_')
   scale = None if learner.lr_scale is None else learner.lr_scale(round_)
+  if not isinstance(data, NodeData):  # clients without a table (decsim.data.virtual)
+    rows = jnp.arange(data.num_nodes) if rows is None else rows
+    idx, sizes, clients = data.client_rows(rows)  # [s, L], [s], leaves [s, ...]
+
+    def generated(p, o, k, idx_row, size, client):
+      return learner.local_update(p, o, k, *data.views(client), idx_row, size, scale)
+
+    return map_nodes(generated, learner.node_chunk)(params, opt_state, keys, idx, sizes, clients)
+  idx, sizes = (data.idx, data.sizes) if rows is None else (data.idx[rows], data.sizes[rows])
 
   def one(p, o, k, idx_row, size):
     return learner.local_update(p, o, k, data.x, data.y, idx_row, size, scale)

@@ -5,8 +5,16 @@ Each round the server samples ``s`` of the available clients, sends them the
 global model, each runs local SGD from it, and the server replaces the global
 model by the average of the returned models, weighted by client data size
 (``data_size``, the paper's n_k/n) or uniformly. Only the ``s`` sampled rows are
-gathered, trained and scattered back: a round costs O(s) model work, not O(N).
+trained: a round costs O(s) model work, not O(N).
 Clients start a fresh optimiser state every round (stateless clients).
+
+Memory is O(s x model + N) too: the state holds the global model, the server's
+optimiser and aggregator state, and only the rows in flight — the ``s`` models the
+last round's clients trained (``SimState.nodes``, leaves ``[s, ...]``, scored as
+``client_accuracy``) and their ids; per-node arrays are the small ones (bytes sent,
+availability). No client keeps a model between rounds, so none is stored; a
+checkpoint holds the same O(s) state. (Until issue 16 every client kept its last
+model in an ``[N, ...]`` row that nothing read but ``client_accuracy``.)
 
 The server runs on node ``server`` (MoDeST's FL baseline puts it on the node with
 the lowest median latency). It waits for the slowest sampled client's download,
@@ -40,8 +48,7 @@ from decsim.data.sampler import NodeData
 from decsim.network import (MODEL, Network, lowest_median_latency_node, model_messages,
                             uniform_network)
 from decsim.protocols import registry
-from decsim.protocols.base import (Learner, Protocol, broadcast, rows_of, sample_available,
-                                  train_nodes)
+from decsim.protocols.base import Learner, Protocol, broadcast, sample_available, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
@@ -88,7 +95,7 @@ class FedAvgState:
   global_params: Params  # the server model
   server_opt_state: optax.OptState = ()  # () when the aggregate replaces the global model
   aggregator_state: AggState = ()
-  clients: jax.Array = ()  # [s] int32 node rows the last round's clients trained (N: none)
+  clients: jax.Array = ()  # [s] int32 ids of the last round's clients (N: no client)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +128,15 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
   def init(key: PRNGKey, data: NodeData) -> SimState:
     del data
     global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
-    # Node rows hold each client's last local model; they start as the global one.
-    node_states = NodeState(params=broadcast(global_params, nodes), opt_state=())
-    return init_sim_state(key, node_states, _init_server(config, global_params, nodes, sample_size))
+    # The rows in flight: the last round's s client models; they start as the global one.
+    node_states = NodeState(params=broadcast(global_params, sample_size), opt_state=())
+    return init_sim_state(key, node_states, _init_server(config, global_params, nodes,
+                                                         sample_size), num_nodes=nodes)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r = state.round
-    ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available,
-                                  sample_size)  # [s], [s]
+    ids, valid = sample_clients(round_key(state.key, r, Stream.SAMPLE), state.available,
+                                sample_size)  # [s], [s]
     params = broadcast(state.extra.global_params, sample_size)
     opt_state = jax.vmap(learner.tx.init)(params)
     keys = node_keys(state.key, r, ids, Stream.BATCH)  # [s]
@@ -142,8 +150,7 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     weights = _client_weights(data.sizes[ids], weighting, accepted)  # [s]
     state = state.replace(
         round=r + 1,
-        nodes=state.nodes.replace(
-            params=_scatter_clients(state.nodes.params, result.params, ids, valid)),
+        nodes=state.nodes.replace(params=result.params),  # [s, ...]
         clock=state.clock + seconds,
         sent=_count_sent(state.sent, ids, valid, server),
         extra=_aggregate(config, state.extra, result.params, weights, accepted).replace(
@@ -159,8 +166,39 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
   def model(state: SimState) -> Params:
     return state.extra.global_params
 
-  return Protocol(init, round_, model, client_models=lambda state: rows_of(
-      state.nodes.params, state.extra.clients))
+  return Protocol(init, round_, model, client_models=in_flight)
+
+
+SPARSE_SAMPLE_MIN_NODES = 65_536  # sample_clients: O(s) draws from here on
+
+
+def sample_clients(key: PRNGKey, available: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:
+  """``s`` distinct clients drawn uniformly among the available ones: ``(ids [s], valid [s])``.
+
+  Up to ``SPARSE_SAMPLE_MIN_NODES`` nodes this is ``base.sample_available`` (top s of N
+  uniform scores, O(N)). Beyond, it draws ``8 s + 64`` ids uniformly with replacement,
+  keeps the available ones at their first occurrence, and takes the first s: a uniform
+  s-subset of the available nodes (sequential sampling without replacement by
+  rejection) in O(s log s). When too few come through (most nodes offline) the round
+  falls back to the O(N) draw.
+  """
+  nodes = available.shape[0]
+  if nodes < SPARSE_SAMPLE_MIN_NODES:
+    return sample_available(key, available, s)
+  k_draw, k_dense = jax.random.split(key)
+  ids = jax.random.randint(k_draw, (8 * s + 64,), 0, nodes, jnp.int32)  # [k]
+  order = jnp.argsort(ids, stable=True)  # [k]
+  repeat = jnp.zeros(ids.shape, bool).at[order[1:]].set(ids[order[1:]] == ids[order[:-1]])
+  keep = available[ids] & ~repeat  # [k]
+  slot = jnp.where(keep, jnp.cumsum(keep) - 1, s)  # [k] position among the kept
+  picked = jnp.zeros((s,), jnp.int32).at[slot].set(ids, mode='drop')  # [s]
+  return jax.lax.cond(jnp.sum(keep) >= s, lambda: (picked, jnp.ones((s,), bool)),
+                      lambda: sample_available(k_dense, available, s))
+
+
+def in_flight(state: SimState) -> tuple[Stacked, jax.Array]:
+  """The last round's client models (leaves ``[s, ...]``) and which were real draws ([s])."""
+  return state.nodes.params, state.extra.clients < state.available.shape[0]
 
 
 def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:

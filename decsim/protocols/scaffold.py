@@ -15,9 +15,11 @@ rate). The server steps ``x <- x + lr_g * mean(y_i - x)`` and
 ``c <- c + (|S| / N) * mean(c_i+ - c_i)``, which keeps ``c`` the mean of all ``c_i``.
 
 Memory: the client variates are explicit per-client state, leaves ``[N, ...]`` — one
-more model per node, O(N x model). No other protocol here pays that (FedAvg's and
-FedProx's clients are stateless); they live in ``SimState.extra`` and are split over
-devices by the node axis like the node models.
+model per client, O(N x model), the only per-client model state of the FedAvg family
+(FedAvg's and FedProx's clients are stateless and keep only the ``s`` rows in flight,
+as here: ``SimState.nodes`` holds the last round's ``[s, ...]`` client models). The
+variates live in ``SimState.extra``, are split over devices by the node axis, and are
+what a SCAFFOLD checkpoint is mostly made of.
 
 Reused from FedAvg (``decsim.protocols.fedavg``): sampling among the available nodes
 (churn), the server on the lowest-median-latency node, the simulated round time with
@@ -64,8 +66,7 @@ from decsim.data.sampler import NodeData
 from decsim.network import (Network, message_bytes, model_messages,
                             uniform_network)
 from decsim.protocols import fedavg, registry
-from decsim.protocols.base import (Learner, Protocol, broadcast, rows_of, sample_available,
-                                  train_nodes)
+from decsim.protocols.base import Learner, Protocol, broadcast, train_nodes
 from decsim.rng import Stream, node_keys, round_key
 from decsim.state import NodeState, RoundMetrics, SimState, init_sim_state
 from decsim.types import Params, PRNGKey, Stacked
@@ -129,8 +130,8 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r, extra = state.round, state.extra
-    ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available,
-                                  sample_size)  # [s], [s]
+    ids, valid = fedavg.sample_clients(round_key(state.key, r, Stream.SAMPLE), state.available,
+                                       sample_size)  # [s], [s]
     x = extra.server.global_params
     params = broadcast(x, sample_size)  # [s, ...]
     c_i = jax.tree.map(lambda v: v[ids], extra.client_controls)  # [s, ...]
@@ -153,8 +154,7 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
         client_controls=fedavg._scatter_clients(extra.client_controls, new_c_i, ids, accepted))
     state = state.replace(
         round=r + 1,
-        nodes=state.nodes.replace(
-            params=fedavg._scatter_clients(state.nodes.params, result.params, ids, valid)),
+        nodes=state.nodes.replace(params=result.params),  # [s, ...] in flight
         clock=state.clock + seconds,
         sent=fedavg._count_sent(state.sent, ids, valid, server),
         extra=extra)
@@ -164,8 +164,8 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
     return state.extra.server.global_params
 
   return Protocol(init, round_, model, message_bytes=message_bytes(2 * model_bytes, nodes),
-                  client_models=lambda state: rows_of(state.nodes.params,
-                                                      state.extra.server.clients))
+                  client_models=lambda state: (state.nodes.params,
+                                               state.extra.server.clients < nodes))
 
 
 def _server(aggregator: Aggregator | None, optimizer: ServerOptimizer | None,
@@ -178,14 +178,14 @@ def _server(aggregator: Aggregator | None, optimizer: ServerOptimizer | None,
 
 def _init_state(learner: Learner, config: fedavg._Server, nodes: int, sample_size: int,
                 key: PRNGKey) -> SimState:
-  """Round 0: every node row holds the global model; c and every c_i are zero."""
+  """Round 0: the s rows in flight hold the global model; c and every c_i are zero."""
   global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
   zeros = jax.tree.map(jnp.zeros_like, global_params)
-  node_states = NodeState(params=broadcast(global_params, nodes), opt_state=())
+  node_states = NodeState(params=broadcast(global_params, sample_size), opt_state=())
   extra = ScaffoldState(fedavg._init_server(config, global_params, nodes, sample_size),
                         control=zeros,
                         client_controls=broadcast(zeros, nodes))  # [N, ...]
-  return init_sim_state(key, node_states, extra)
+  return init_sim_state(key, node_states, extra, num_nodes=nodes)
 
 
 def _check_learner(learner: Learner, lr: float, momentum: float) -> None:

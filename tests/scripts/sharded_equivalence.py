@@ -41,13 +41,15 @@ def rows(config, mesh):
 
 
 def placement(config, mesh):
-  """Per-device row counts of the node params after one compiled chunk on ``mesh``."""
+  """Per-device row counts of the node-axis state after one compiled chunk on ``mesh``."""
   exp = experiment.build(config)
   data = sharding.shard_data(exp.data, mesh)
   state = sharding.sharded_init(exp.protocol.init, jax.random.key(0), data, mesh)
   chunk = simulate.compile_chunk(exp.protocol, state, data, 1, mesh)
   state, _ = chunk(state, data)
-  leaf = jax.tree.leaves(state.nodes.params)[0]
+  # The first leaf on the node axis: a model row, or FedAvg's byte counters (its state
+  # keeps only the s rows in flight, replicated).
+  leaf = next(l for l in jax.tree.leaves(state) if l.ndim and l.shape[0] == config.nodes)
   return {'spec': str(leaf.sharding.spec),
           'rows_per_device': sorted({s.data.shape[0] for s in leaf.addressable_shards}),
           'idx_rows_per_device': sorted({s.data.shape[0] for s in data.idx.addressable_shards}),
