@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import conftest
 from decsim import experiment, sharding, simulate
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **extra)
-  env.pop('XLA_FLAGS', None) if 'XLA_FLAGS' not in extra else None
-  return env
+  """The subprocess's environment: only the test flags in XLA_FLAGS, plus ``extra``'s."""
+  flags = ' '.join(f for f in (extra.pop('XLA_FLAGS', ''), conftest.TEST_XLA_FLAGS) if f)
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS=flags, **extra)
 
 
 def _close(a, b):
@@ -190,8 +191,13 @@ def test_state_shardings_split_exactly_the_node_leaves(tiny_config):
   shapes = jax.eval_shape(exp.protocol.init, jax.random.key(0), exp.data)
   mesh = sharding.make_mesh(1)
   split = jax.tree.map(lambda s: s.spec == P('nodes'), sharding.state_shardings(shapes, mesh))
-  assert jax.tree.leaves(split.nodes.params) and all(jax.tree.leaves(split.nodes.params))
+  # FedAvg's rows are the s clients in flight, not one per node: replicated.
+  assert jax.tree.leaves(split.nodes.params) and not any(jax.tree.leaves(split.nodes.params))
   assert split.available and not split.round and not split.clock
   assert not any(jax.tree.leaves(split.extra))  # the server model is replicated
+  dpsgd = experiment.build(dataclasses.replace(_tiny(tiny_config), protocol='dpsgd'))
+  shapes = jax.eval_shape(dpsgd.protocol.init, jax.random.key(0), dpsgd.data)
+  split = jax.tree.map(lambda s: s.spec == P('nodes'), sharding.state_shardings(shapes, mesh))
+  assert jax.tree.leaves(split.nodes.params) and all(jax.tree.leaves(split.nodes.params))
   data_split = jax.tree.map(lambda s: s.spec == P('nodes'), sharding.data_shardings(exp.data, mesh))
   assert data_split.idx and data_split.sizes and not data_split.x and not data_split.y
