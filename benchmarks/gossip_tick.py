@@ -27,7 +27,8 @@ def config(tick: float, a) -> ExperimentConfig:
       init='independent', optimizer='sgd', lr=0.05, momentum=0.9, batch_size=32, local_steps=1,
       gossip_peers='all_neighbours', gossip_period_seconds=a.period, tick_seconds=tick,
       upload_mbps=a.mbps, download_mbps=a.mbps, sites=20, samples_per_second=a.speed,
-      variance_correction='received', target_accuracy=a.target, seed=0,
+      gossip_max_active=a.max_active, variance_correction='received', target_accuracy=a.target,
+      seed=0,
       rounds=round(a.seconds / tick), eval_every=every, replicas=a.replicas,
       replica_fix='data,graph,network')
 
@@ -43,6 +44,7 @@ def main() -> None:
   p.add_argument('--speed', type=float, default=100.0, help='samples/s: 0.32 s per batch')
   p.add_argument('--mbps', type=float, default=1.0)
   p.add_argument('--replicas', type=int, default=4)
+  p.add_argument('--max_active', type=int, default=6, help='training rows per tick')
   p.add_argument('--out', type=pathlib.Path, default=pathlib.Path('/tmp/gossip_tick'))
   a = p.parse_args()
   rows = []

@@ -324,14 +324,15 @@ def wake_interval(key: PRNGKey, settings: GossipSettings) -> jax.Array:
   return jnp.maximum(1, jnp.ceil(delta * jax.random.exponential(key, (nodes,)))).astype(jnp.int32)
 
 
-def wake_seconds(key: PRNGKey, settings: GossipSettings) -> jax.Array:
-  """Simulated seconds to each node's next wake-up (dfl2 mode): [N] float32 > 0."""
-  nodes, period = settings.nodes, settings.period_seconds
+def wake_seconds(u: jax.Array, settings: GossipSettings) -> jax.Array:
+  """Simulated seconds to each node's next wake-up (dfl2 mode) from uniforms ``u [N]`` in
+  [0, 1): [N] float32 > 0."""
+  period = settings.period_seconds
   if settings.wake == 'uniform':
-    return period * jax.random.uniform(key, (nodes,), minval=0.8, maxval=1.2)
+    return period * (0.8 + 0.4 * u)
   if settings.wake == 'fixed':
-    return jnp.full((nodes,), period, jnp.float32)
-  return period * jnp.maximum(jax.random.exponential(key, (nodes,)), 1e-6)
+    return jnp.full(u.shape, period, jnp.float32)
+  return period * jnp.maximum(-jnp.log1p(-u), 1e-6)  # exponential, mean the period
 
 
 def neighbour_mask(topology: Topology) -> jax.Array:
@@ -340,13 +341,13 @@ def neighbour_mask(topology: Topology) -> jax.Array:
   return (topology.weights > 0) & (topology.idx != jnp.arange(nodes)[:, None])
 
 
-def push_targets(key: PRNGKey, settings: GossipSettings,
-                 topology: Topology | None) -> tuple[jax.Array, jax.Array]:
+def push_targets(key: PRNGKey, settings: GossipSettings, topology: Topology | None,
+                 u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Each node's one peer, ``target [N]``, and whether it has one, ``ok [N]``: uniform
   over the other nodes (``random``) or over its topology neighbours (``neighbour``)."""
   nodes = settings.nodes
   ids = jnp.arange(nodes, dtype=jnp.int32)
-  u = jax.random.uniform(key, (nodes,))  # [N]
+  u = jax.random.uniform(key, (nodes,)) if u is None else u  # [N] in [0, 1)
   if settings.peers == 'random':
     target = (ids + 1 + jnp.floor(u * (nodes - 1)).astype(jnp.int32)) % nodes
     return target, jnp.full((nodes,), nodes > 1)
@@ -359,14 +360,15 @@ def push_targets(key: PRNGKey, settings: GossipSettings,
 
 
 def messages(key: PRNGKey, send: jax.Array, alive: jax.Array, settings: GossipSettings,
-             topology: Topology | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             topology: Topology | None,
+             u: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(src, dst, valid) of this tick's messages, each [N, S]; pull form has dst = row."""
   ids = jnp.arange(settings.nodes, dtype=jnp.int32)
   if settings.pull:  # row i receives from each neighbour that woke
     src = topology.idx  # [N, k]
     dst = jnp.broadcast_to(ids[:, None], src.shape)
     return src, dst, neighbour_mask(topology) & send[src] & alive[:, None]
-  target, ok = push_targets(key, settings, topology)  # [N]
+  target, ok = push_targets(key, settings, topology, u)  # [N]
   valid = send & ok & alive[target]
   return ids[:, None], target[:, None], valid[:, None]
 
@@ -647,8 +649,22 @@ class NetGossipState:
   age: jax.Array  # [N, K] float32, samples trained on, per model partition
   dropped: jax.Array  # [] int32, wake-ups beyond max_active postponed by a tick, summed
   merges: jax.Array  # [] int32, merges summed over ticks
+  wakes: jax.Array  # [N] int32, wake-ups (trainings) of each node so far
   buffer: Inbox  # models received and not merged yet
   out: Outbox
+
+
+def event_keys(key: PRNGKey, wakes: jax.Array, ids: jax.Array, stream: Stream) -> PRNGKey:
+  """Keys ``[R]`` of nodes ``ids`` for their wake-up number ``wakes [R]``: dfl2 mode draws
+  by event, not by tick, so a node's batches, intervals and peers do not depend on the
+  tick length."""
+  return jax.vmap(lambda n, w: jax.random.fold_in(round_key(key, w, stream), n))(ids, wakes)
+
+
+def event_uniform(key: PRNGKey, wakes: jax.Array, stream: Stream, salt: int) -> jax.Array:
+  """One uniform draw in [0, 1) per node ``[N]`` for its wake-up number ``wakes [N]``."""
+  keys = event_keys(jax.random.fold_in(key, salt), wakes, jnp.arange(wakes.shape[0]), stream)
+  return jax.vmap(jax.random.uniform)(keys)
 
 
 def slots(settings: GossipSettings, topology: Topology | None) -> int:
@@ -673,7 +689,7 @@ def net_init(settings: GossipSettings, learner: Learner, topology: Topology | No
                arrival=jnp.full((nodes, s), jnp.inf, jnp.float32),
                busy_until=jnp.zeros((nodes,), jnp.float32))
   extra = NetGossipState(next_wake=first, age=age, dropped=jnp.zeros((), jnp.int32),
-                         merges=jnp.zeros((), jnp.int32),
+                         merges=jnp.zeros((), jnp.int32), wakes=jnp.zeros((nodes,), jnp.int32),
                          buffer=empty_inbox(params, nodes, parts, settings.masked), out=out)
   return base.replace(extra=extra)
 
@@ -687,7 +703,7 @@ def train_wakers(settings: GossipSettings, learner: Learner, state: SimState, da
   ids, row_ok = acting_rows(jax.random.fold_in(round_key(state.key, state.round, Stream.TOPOLOGY),
                                                3), wants, settings)  # [R]
   params, opt_state = state.nodes.params, state.nodes.opt_state
-  keys = node_keys(state.key, state.round, ids, Stream.BATCH)  # [R]
+  keys = event_keys(state.key, g.wakes[ids], ids, Stream.BATCH)  # [R]
   result = train_nodes(learner, take_rows(params, ids), take_rows(opt_state, ids), keys, data,
                        rows=ids, round_=state.round)
   scatter = jnp.where(row_ok, ids, nodes)  # [R]
@@ -706,7 +722,9 @@ def push(settings: GossipSettings, topology: Topology | None, network: network_l
   its upload, a receiver's concurrent arrivals its download). Returns (outbox, sent [N])."""
   out, alive, nodes = state.extra.out, state.available, settings.nodes
   kt = round_key(state.key, state.round, Stream.TOPOLOGY)
-  src, dst, valid = messages(kt, woke, alive, settings, topology)  # [N, S]
+  wakes = state.extra.wakes
+  u = event_uniform(state.key, wakes, Stream.TOPOLOGY, 0)  # [N]
+  src, dst, valid = messages(kt, woke, alive, settings, topology, u)  # [N, S]
   sent = message_counts(valid, src, nodes)  # [N]
   incoming = receiver_sum(valid.astype(jnp.int32), dst, nodes, settings.pull)  # [N]
   transfer = network.transfer_seconds(src, dst, model_bytes, sent[src], incoming[dst])  # [N, S]
@@ -714,7 +732,8 @@ def push(settings: GossipSettings, topology: Topology | None, network: network_l
   last = jax.ops.segment_max(jnp.where(valid, arrival, -jnp.inf).ravel(), src.ravel(),
                              num_segments=nodes)  # [N]
   new = lambda a, b: jnp.where(woke.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-  part = jax.random.randint(jax.random.fold_in(kt, 1), (nodes,), 0, settings.partitions)
+  part = jnp.minimum(event_uniform(state.key, wakes, Stream.TOPOLOGY, 1) * settings.partitions,
+                     settings.partitions - 1).astype(jnp.int32)  # [N]
   var = mixing.layer_variance(params, settings.vc.unbiased if settings.vc else False)
   return Outbox(params=jax.tree.map(new, params, out.params), var=jax.tree.map(new, var, out.var),
                 age=new(age, out.age), part=new(part, out.part),
@@ -783,7 +802,7 @@ def net_round(settings: GossipSettings, learner: Learner, topology: Topology | N
   send_time = wake_at + network.compute_seconds(jnp.arange(nodes), steps * learner.batch_size)
   out, sent = push(settings, topology, network, state, params, age, woke, send_time,
                    model_bytes)
-  interval = wake_seconds(round_key(state.key, state.round, Stream.GOSSIP), settings)  # [N]
+  interval = wake_seconds(event_uniform(state.key, g.wakes, Stream.GOSSIP, 0), settings)  # [N]
   due = g.next_wake < end
   next_wake = jnp.where(woke, jnp.maximum(wake_at + interval, out.busy_until),
                         jnp.where(due & ~state.available, g.next_wake + interval, g.next_wake))
@@ -798,8 +817,8 @@ def net_round(settings: GossipSettings, learner: Learner, topology: Topology | N
       sent=state.sent.at[:, MODEL].add(sent),
       extra=NetGossipState(next_wake=next_wake, age=age,
                            dropped=g.dropped + jnp.sum(wants & ~woke, dtype=jnp.int32),
-                           merges=g.merges + jnp.sum(acts, dtype=jnp.int32), buffer=buffer,
-                           out=out))
+                           merges=g.merges + jnp.sum(acts, dtype=jnp.int32),
+                           wakes=g.wakes + woke.astype(jnp.int32), buffer=buffer, out=out))
   return state, RoundMetrics(train_loss=loss / jnp.maximum(n_woke, 1),
                              sim_seconds=jnp.float32(dt), messages=model_messages(jnp.sum(sent)),
                              active_nodes=n_woke, node_steps=jnp.sum(steps))
