@@ -172,6 +172,8 @@ def decsim_cached(a, dataset: ArrayDataset, name: str, target: str | None) -> di
   if path.exists() and not a.rerun:
     raw = json.loads(path.read_text())
     return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
+  if a.report_only:
+    return None
   t0 = time.time()
   curves = run_decsim(a, dataset, target)
   print(f'[decsim] {name}: {time.time() - t0:.0f} s', flush=True)
@@ -185,6 +187,8 @@ def decsim_cached(a, dataset: ArrayDataset, name: str, target: str | None) -> di
 def table(results: dict) -> str:
   lines = ['| variant | tick | layer | DFL2 | decsim | decsim / DFL2 |', '|---|---|---|---|---|---|']
   for name in VARIANTS:
+    if name not in results['decsim']:
+      continue
     ref, ours = results['dfl2'][name], results['decsim'][name]
     for tick in sorted(t for t in ref if t in ours):
       for key in LAYERS + ('accuracy',):
@@ -202,6 +206,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, 1 + len(LAYERS), figsize=(4 * (1 + len(LAYERS)), 3.2))
   for side, style in (('dfl2', '-'), ('decsim', '--')):
     for name, color in (('novc', 'C0'), ('vc', 'C1')):
+      if name not in results[side]:
+        continue
       curve = results[side][name]
       ticks = sorted(t for t in curve if isinstance(t, int))
       for ax, key in zip(axes, ('accuracy',) + LAYERS):
@@ -227,6 +233,7 @@ def main() -> None:
   p.add_argument('--interval', type=int, default=5)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--rerun', action='store_true', help='rerun both even when outputs exist')
+  p.add_argument('--report_only', action='store_true', help='table and plot of the kept runs')
   p.add_argument('--decsim_only', action='store_true', help='only run (and keep) decsim\'s side')
   p.add_argument('--plot', type=pathlib.Path, default=pathlib.Path('docs/results/dfl2_reference.png'))
   a = p.parse_args()
@@ -242,7 +249,9 @@ def main() -> None:
   for name, (method, target) in VARIANTS.items():
     if not a.decsim_only:
       results['dfl2'][name] = dfl2_curves(run_dfl2(a, data, name, method))
-    results['decsim'][name] = decsim_cached(a, dataset, name, target)
+    curves = decsim_cached(a, dataset, name, target)
+    if curves is not None:
+      results['decsim'][name] = curves
   if a.decsim_only:
     return
   print(table(results))
