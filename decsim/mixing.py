@@ -282,6 +282,21 @@ def received_target(vc: VarianceCorrection, own: Stacked, received: Stacked,
   return correction_target(vc, own, plain, follow)
 
 
+def received_only_target(vc: VarianceCorrection, own: Stacked, merged: Stacked,
+                         received: Stacked, count: jax.Array, beta: float) -> Stacked:
+  """DFL2's target ``[R]`` per leaf after ``beta self + (1 - beta) mean(received)``
+  (``train_average_standard`` in the authors' ``simulator_opti_model_update.hpp``):
+  'received' (their ``others``) the mean variance of the ``count [R]`` received models
+  (``received``: their sum), the own model excluded; 'follow_beta' ``beta var(merged) +
+  (1 - beta) others``, ``merged`` being the merged model's variances; 'self' the own
+  variance before merging, ``own`` (their ``train_50_average_50_fix_variance_self``;
+  their ``self`` method, the merged model's own variance, is a no-op: no correction)."""
+  cnt = jnp.maximum(count, 1).astype(jnp.float32)  # [R]
+  others = jax.tree.map(lambda s: s / cnt, received)
+  follow = jax.tree.map(lambda m, o: beta * m + (1.0 - beta) * o, merged, others)
+  return correction_target(vc, own, others, follow)
+
+
 def _weighted_mean(own: Stacked, weighted: Stacked, weight: jax.Array,
                    own_weight: jax.Array | None, fallback: Stacked) -> Stacked:
   """``(a own + sum_j c_j var_j) / (a + sum_j c_j)`` per leaf ``[R]`` (a = ``own_weight``,

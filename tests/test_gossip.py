@@ -23,6 +23,7 @@ from decsim.protocols.gossip import gossip
 from decsim.topology import Topology, build_topology, kregular, metropolis_hastings
 
 BATCH = 8
+MOA = 'merge_on_arrival'  # the tick-based merge-on-arrival gossip these tests pin
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +62,7 @@ def _star(n: int) -> Topology:
 
 def test_age_weighted_merge_matches_closed_form():
   learner, data = _setup(2)
-  protocol = gossip(learner, nodes=2, peers='random', merge='age')
+  protocol = gossip(learner, nodes=2, peers='random', merge='age', mode=MOA)
   state = _start(protocol, data, wake=[0], age=[3.0, 5.0])  # node 0 pushes to node 1
   w = _flat(state.nodes.params)
   new, m = jax.jit(protocol.round)(state, data)
@@ -87,7 +88,7 @@ def test_simultaneous_arrivals_equal_sequential_age_merge(peers):
   # 'neighbour', neighbour-slot sum for 'all_neighbours'), five arrivals in one tick.
   n = 6
   learner, data = _setup(n)
-  protocol = gossip(learner, nodes=n, topology=_star(n), peers=peers, merge='age')
+  protocol = gossip(learner, nodes=n, topology=_star(n), peers=peers, merge='age', mode=MOA)
   ages = np.array([2.0, 1.0, 4.0, 3.0, 7.0, 0.5])
   state = _start(protocol, data, wake=list(range(1, n)), age=ages)
   w = _flat(state.nodes.params)
@@ -103,7 +104,8 @@ def test_simultaneous_arrivals_equal_sequential_age_merge(peers):
 def test_half_merge_of_simultaneous_arrivals():
   n = 6
   learner, data = _setup(n)
-  protocol = gossip(learner, nodes=n, topology=_star(n), peers='neighbour', merge='half')
+  protocol = gossip(learner, nodes=n, topology=_star(n), peers='neighbour', merge='half',
+                    mode=MOA)
   state = _start(protocol, data, wake=[1, 3, 4])
   w = _flat(state.nodes.params)
   got = _flat(jax.jit(protocol.round)(state, data)[0].nodes.params)
@@ -116,7 +118,7 @@ def test_buffer_mode_merges_once_buffer_size_models_are_held():
   n = 6
   learner, data = _setup(n)
   protocol = gossip(learner, nodes=n, topology=_star(n), peers='neighbour', merge='half',
-                    buffer_size=2)
+                    buffer_size=2, mode=MOA)
   state = _start(protocol, data, wake=[1])
   state = state.replace(extra=state.extra.replace(next_wake=state.extra.next_wake.at[2].set(1)))
   w = _flat(state.nodes.params)
@@ -134,7 +136,7 @@ def test_buffer_mode_merges_once_buffer_size_models_are_held():
 def test_wake_up_intervals(wake):
   n, ticks = 10, 300
   learner, data = _setup(n)
-  protocol = gossip(learner, nodes=n, peers='random', merge='half', wake=wake, delta=10)
+  protocol = gossip(learner, nodes=n, peers='random', merge='half', wake=wake, delta=10, mode=MOA)
   state = protocol.init(jax.random.key(0), data)
   assert np.all((np.asarray(state.extra.next_wake) >= 0) & (np.asarray(state.extra.next_wake) < 10))
   run = jax.jit(lambda s: jax.lax.scan(lambda s, _: (protocol.round(s, data)[0],
@@ -154,7 +156,8 @@ def test_push_to_all_neighbours_with_replace_is_one_dpsgd_mixing_step():
   mh = metropolis_hastings(kregular(n, 3, seed=2))
   nb = (mh.weights > 0) & (mh.idx != jnp.arange(n)[:, None])
   graph = mh.replace(weights=nb / jnp.sum(nb, axis=1, keepdims=True))  # mean of neighbours
-  gossip_p = gossip(learner, nodes=n, topology=graph, peers='all_neighbours', merge='replace')
+  gossip_p = gossip(learner, nodes=n, topology=graph, peers='all_neighbours', merge='replace',
+                    mode=MOA)
   dpsgd_p = dpsgd(learner, nodes=n, topology=graph, mixing_mode='dense')
   g_new, g_m = jax.jit(gossip_p.round)(_start(gossip_p, data, wake=list(range(n))), data)
   d_new, _ = jax.jit(dpsgd_p.round)(dpsgd_p.init(jax.random.key(0), data), data)
@@ -170,8 +173,9 @@ def test_idle_nodes_do_not_change_and_max_active_rows_agree():
       lambda p, x, y: jnp.mean(jax.tree.leaves(p)[0] ** 2) + 0 * jnp.sum(x) + 0 * jnp.sum(y),
       optax.sgd(0.1), 2, BATCH))
   topo = build_topology('kregular', n, degree=3)
-  full = gossip(learner, nodes=n, topology=topo, peers='neighbour', merge='half')
-  rows = gossip(learner, nodes=n, topology=topo, peers='neighbour', merge='half', max_active=5)
+  full = gossip(learner, nodes=n, topology=topo, peers='neighbour', merge='half', mode=MOA)
+  rows = gossip(learner, nodes=n, topology=topo, peers='neighbour', merge='half', max_active=5,
+                mode=MOA)
   state = _start(full, data, wake=[0, 5])  # at most two receivers
   a, ma = jax.jit(full.round)(state, data)
   b, mb = jax.jit(rows.round)(state, data)
@@ -186,7 +190,7 @@ def test_idle_nodes_do_not_change_and_max_active_rows_agree():
 def test_partitioned_messages_merge_only_their_partition():
   n = 2
   learner, data = _setup(n)
-  protocol = gossip(learner, nodes=n, peers='random', merge='age', partitions=3)
+  protocol = gossip(learner, nodes=n, peers='random', merge='age', partitions=3, mode=MOA)
   state = _start(protocol, data, wake=[0], age=np.ones((2, 3)))
   w = _flat(state.nodes.params)
   new, _ = jax.jit(protocol.round)(state, data)

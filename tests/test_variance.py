@@ -153,3 +153,19 @@ def test_weight_variance_metric_matches_xavier_at_init():
 def test_bad_variance_correction_settings(tiny_config, change, flag):
   with pytest.raises(experiment.ConfigError, match=flag):
     experiment.validate(dataclasses.replace(tiny_config, **change))
+
+
+def test_dfl2_targets_exclude_the_own_model():
+  """DFL2's targets after a buffer merge: 'received' = mean of the received variances (own
+  excluded), 'follow_beta' = beta var(merged) + (1 - beta) that mean, 'self' = own."""
+  own = {'w': jnp.array([1.0, 5.0])}
+  merged = {'w': jnp.array([0.5, 2.0])}
+  received = {'w': jnp.array([6.0, 3.0])}  # sums over the buffer
+  count = jnp.array([2, 3])
+  target = lambda t, beta=0.5: mixing.received_only_target(
+      mixing.VarianceCorrection(target=t), own, merged, received, count, beta)['w']
+  np.testing.assert_allclose(target('received'), [3.0, 1.0])
+  np.testing.assert_allclose(target('follow_beta', 0.25), [0.25 * 0.5 + 0.75 * 3.0,
+                                                          0.25 * 2.0 + 0.75 * 1.0])
+  np.testing.assert_allclose(target('follow_beta', 0.0), target('received'))
+  np.testing.assert_allclose(target('self'), [1.0, 5.0])

@@ -6,6 +6,33 @@ of gossip learning and federated learning", JPDC 2021), with the all-neighbour
 push and ``0.5 * self + 0.5 * mean(received)`` merge of Tian et al. (2024),
 "Vanishing Variance Problem in Fully Decentralized Neural-Network Systems".
 
+Two modes (``mode``, ``--gossip_mode``).
+
+``dfl2`` (the default) follows the authors' simulator DFL2 (github.com/twoentartian/DFL2,
+``bin/simulation/simulator_opti.cpp``: the tick loop; ``simulator_opti_model_update.hpp``:
+``train_average_standard::get_output_model``), on decsim's simulated network. A node wakes
+on its own timer (every ``period_seconds`` simulated seconds, jittered ``uniform`` 0.8-1.2x,
+``exponential``, or ``fixed`` with every node starting at second 0 as DFL2's
+``first_train_tick = 0``), trains one local update on its model (``batch /
+samples_per_second_i`` seconds), and pushes the trained model to its peers (all its
+neighbours, one neighbour, or one random node). A push of B bytes arrives after ``latency +
+B / bandwidth``, the sender's concurrent pushes sharing its upload and a receiver's
+concurrent arrivals its download (``Network.transfer_seconds``). Arrivals are buffered; a
+node holding ``buffer_size`` (default 2) models merges them all at once, ``beta self +
+(1 - beta) mean(buffer)`` (``half``: beta = 0.5, DFL2's ``beta`` argument), and empties
+its buffer; it does not train after merging. The correction's target is DFL2's:
+'received' the mean variance of the buffered models, own excluded (their ``others``);
+'follow_beta' ``beta var(merged) + (1 - beta) others``; 'self' the own variance before
+merging (their ``train_50_average_50_fix_variance_self``; their ``self`` *method* is a
+no-op, i.e. no correction). Within a tick the order is DFL2's: wake-ups train and push,
+arrivals join buffers, full buffers merge. Time is simulated seconds; a tick of
+``tick_seconds`` is only the discretisation of the event times (an event at second s acts
+in tick floor(s / tick_seconds)). Deviations: a node's trained model replaces its model at
+its wake-up tick (DFL2 has no compute time); a node starts its next wake-up only once its
+previous push has fully arrived (it keeps one outbox); a message reaching an offline node
+is lost; sampling masks are drawn at delivery.
+
+``merge_on_arrival`` is decsim's earlier gossip, in ticks (it ignores the network).
 Asynchrony is simulated in ticks: one call of ``round`` is one tick of
 ``tick_seconds`` simulated seconds. Every node wakes every ``delta`` ticks with
 jitter (``uniform``: an integer interval drawn from [0.8 delta, 1.2 delta], 8-12
@@ -54,8 +81,8 @@ instead of O(N). If more nodes act than there are rows, the surplus are
 dropped for that tick (counted in ``GossipState.dropped``; in buffer mode they
 keep their buffer and act in a later tick).
 
-Variance correction (``decsim.mixing.variance_correct``): after merging, each
-receiver's layers are rescaled to the mean variance of the models it merged,
+Variance correction (``decsim.mixing.variance_correct``) in ``merge_on_arrival``: after
+merging, each receiver's layers are rescaled to the mean variance of the models it merged,
 its own included except under ``replace`` ('received'), or to their variance
 weighted like the merge ('follow_beta'), or to its own ('self'). Each message
 carries its sender's per-layer variances (a few floats).
@@ -86,16 +113,25 @@ from decsim.types import Params, PRNGKey, Stacked
 
 PEERS = ('random', 'neighbour', 'all_neighbours')
 MERGES = ('age', 'half', 'beta', 'replace')
-WAKES = ('uniform', 'exponential')
+WAKES = ('uniform', 'exponential', 'fixed')
+MODES = ('dfl2', 'merge_on_arrival')
 
 
 @dataclasses.dataclass(frozen=True)
 class GossipConfig(Component):
   """Gossip learning (Ormandi et al. 2013)."""
 
-  gossip_delta: int = option(10, "Gossip: mean ticks between a node's wake-ups (Delta).", low=1)
-  gossip_wake: str = option('uniform', 'Gossip wake-up jitter: uniform (0.8-1.2 Delta) or '
-                            'exponential (mean Delta).', choices=WAKES)
+  gossip_mode: str = option('dfl2', 'Gossip semantics: dfl2 (train on the timer, push, buffer, '
+                            'merge at --gossip_buffer models, on the simulated network) or '
+                            'merge_on_arrival (push on the timer, merge every arrival then '
+                            'train, in ticks).', choices=MODES)
+  gossip_period_seconds: float = option(10.0, "Gossip (dfl2): mean simulated seconds between "
+                                        "a node's wake-ups.", low=0, low_open=True)
+  gossip_delta: int = option(10, "Gossip (merge_on_arrival): mean ticks between a node's "
+                             "wake-ups (Delta).", low=1)
+  gossip_wake: str = option('uniform', 'Gossip wake-up jitter: uniform (0.8-1.2 x the period), '
+                            'exponential (mean the period) or fixed (every period, all nodes '
+                            'from time 0, as DFL2).', choices=WAKES)
   gossip_peers: str = option('random', 'Gossip push target: random (any node), neighbour (one '
                              '--topology neighbour) or all_neighbours.',
                              choices=PEERS)
@@ -104,15 +140,16 @@ class GossipConfig(Component):
                              choices=MERGES)
   gossip_beta: float = option(0.5, 'Gossip --gossip_merge=beta: weight of the own model.',
                               low=0, high=1)
-  gossip_buffer: int = option(1, 'Gossip: merge once this many models are held (1: on every '
-                              'arrival).', low=1)
+  gossip_buffer: int = option(0, 'Gossip: merge once this many models are held (1: on every '
+                              'arrival; 0: 2 under dfl2, 1 under merge_on_arrival).', low=0)
   gossip_partitions: int = option(1, 'Gossip model partitioning: send one of K partitions '
                                   '(1: whole models).', low=1)
   gossip_keep: float = option(1.0, 'Gossip sampling compression: send each weight with this '
                               'probability (1: all).', low=0, high=1, low_open=True)
   gossip_max_active: int = option(0, 'Gossip: model rows merged and trained per tick (0: all '
                                   'N, masked).', low=0)
-  tick_seconds: float = option(1.0, 'Gossip: simulated seconds per tick (round).', low=0,
+  tick_seconds: float = option(1.0, 'Gossip: simulated seconds per tick (round); under dfl2 '
+                               'only the discretisation of the event times.', low=0,
                                low_open=True)
 
 
@@ -159,6 +196,8 @@ class GossipSettings:
   max_active: int = 0
   tick_seconds: float = 1.0
   vc: mixing.VarianceCorrection | None = None
+  mode: str = 'dfl2'
+  period_seconds: float = 10.0
 
   @property
   def w_self(self) -> float | None:
@@ -184,30 +223,45 @@ class GossipSettings:
 def check_settings(settings: GossipSettings, topology: Topology | None) -> None:
   """Raises ValueError on an unknown option or an out-of-range number."""
   c = settings
-  if c.peers not in PEERS:
-    raise ValueError(f'unknown gossip peers {c.peers!r}: choose one of {", ".join(PEERS)}')
-  if c.merge not in MERGES:
-    raise ValueError(f'unknown gossip merge {c.merge!r}: choose one of {", ".join(MERGES)}')
-  if c.wake not in WAKES:
-    raise ValueError(f'unknown gossip wake {c.wake!r}: choose one of {", ".join(WAKES)}')
+  for name, value, choices in (('peers', c.peers, PEERS), ('merge', c.merge, MERGES),
+                               ('wake', c.wake, WAKES), ('mode', c.mode, MODES)):
+    if value not in choices:
+      raise ValueError(f'unknown gossip {name} {value!r}: choose one of {", ".join(choices)}')
   if c.peers != 'random' and topology is None:
     raise ValueError(f'gossip peers={c.peers!r} needs a topology')
   if c.delta < 1 or c.buffer_size < 1 or c.partitions < 1 or not 0 < c.keep_prob <= 1:
     raise ValueError('gossip needs delta >= 1, buffer_size >= 1, partitions >= 1, '
                      '0 < keep_prob <= 1')
+  if not c.period_seconds > 0 or not c.tick_seconds > 0:
+    raise ValueError('gossip needs period_seconds > 0 and tick_seconds > 0')
 
 
 def gossip(learner: Learner, *, nodes: int, topology: Topology | None = None,
            delta: int = 10, wake: str = 'uniform', peers: str = 'random', merge: str = 'half',
-           beta: float = 0.5, buffer_size: int = 1, partitions: int = 1, keep_prob: float = 1.0,
-           max_active: int = 0, tick_seconds: float = 1.0,
-           variance_correction: mixing.VarianceCorrection | None = None) -> Protocol:
-  """Gossip learning over ``nodes`` nodes (see the module docstring for the options)."""
+           beta: float = 0.5, buffer_size: int | None = None, partitions: int = 1,
+           keep_prob: float = 1.0, max_active: int = 0, tick_seconds: float = 1.0,
+           variance_correction: mixing.VarianceCorrection | None = None, mode: str = 'dfl2',
+           period_seconds: float = 10.0, network: network_lib.Network | None = None) -> Protocol:
+  """Gossip learning over ``nodes`` nodes (see the module docstring for the options).
+  ``buffer_size=None``: 2 under ``mode='dfl2'``, 1 under ``merge_on_arrival``;
+  ``network`` (dfl2 only; default: ``uniform_network``) times training and transfers."""
+  if buffer_size is None:
+    buffer_size = 2 if mode == 'dfl2' else 1
   settings = GossipSettings(nodes=nodes, delta=delta, wake=wake, peers=peers, merge=merge,
                             beta=beta, buffer_size=buffer_size, partitions=partitions,
                             keep_prob=keep_prob, max_active=max_active,
-                            tick_seconds=tick_seconds, vc=variance_correction)
+                            tick_seconds=tick_seconds, vc=variance_correction, mode=mode,
+                            period_seconds=period_seconds)
   check_settings(settings, topology)
+  if mode == 'dfl2':
+    net = network if network is not None else network_lib.uniform_network(nodes)
+    nbytes = message_bytes(learner.model_bytes(), partitions, keep_prob)
+
+    def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
+      return net_round(settings, learner, topology, net, nbytes, state, data)
+
+    return Protocol(functools.partial(net_init, settings, learner, topology), round_,
+                    gossip_model)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     return gossip_round(settings, learner, topology, state, data)  # a function (chex counts traces)
@@ -217,7 +271,10 @@ def gossip(learner: Learner, *, nodes: int, topology: Topology | None = None,
 
 def extra_metrics(state: SimState) -> dict[str, jax.Array]:
   """Gossip's own per-run counters for the metrics rows."""
-  return {'gossip_dropped': state.extra.dropped}
+  out = {'gossip_dropped': state.extra.dropped}
+  if isinstance(state.extra, NetGossipState):
+    out['gossip_merges'] = state.extra.merges
+  return out
 
 
 def gossip_model(state: SimState) -> Params:
@@ -262,7 +319,20 @@ def wake_interval(key: PRNGKey, settings: GossipSettings) -> jax.Array:
   if settings.wake == 'uniform':
     lo, hi = max(1, round(0.8 * delta)), max(1, round(1.2 * delta))
     return jax.random.randint(key, (nodes,), lo, hi + 1)
+  if settings.wake == 'fixed':
+    return jnp.full((nodes,), delta, jnp.int32)
   return jnp.maximum(1, jnp.ceil(delta * jax.random.exponential(key, (nodes,)))).astype(jnp.int32)
+
+
+def wake_seconds(u: jax.Array, settings: GossipSettings) -> jax.Array:
+  """Simulated seconds to each node's next wake-up (dfl2 mode) from uniforms ``u [N]`` in
+  [0, 1): [N] float32 > 0."""
+  period = settings.period_seconds
+  if settings.wake == 'uniform':
+    return period * (0.8 + 0.4 * u)
+  if settings.wake == 'fixed':
+    return jnp.full(u.shape, period, jnp.float32)
+  return period * jnp.maximum(-jnp.log1p(-u), 1e-6)  # exponential, mean the period
 
 
 def neighbour_mask(topology: Topology) -> jax.Array:
@@ -271,13 +341,13 @@ def neighbour_mask(topology: Topology) -> jax.Array:
   return (topology.weights > 0) & (topology.idx != jnp.arange(nodes)[:, None])
 
 
-def push_targets(key: PRNGKey, settings: GossipSettings,
-                 topology: Topology | None) -> tuple[jax.Array, jax.Array]:
+def push_targets(key: PRNGKey, settings: GossipSettings, topology: Topology | None,
+                 u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Each node's one peer, ``target [N]``, and whether it has one, ``ok [N]``: uniform
   over the other nodes (``random``) or over its topology neighbours (``neighbour``)."""
   nodes = settings.nodes
   ids = jnp.arange(nodes, dtype=jnp.int32)
-  u = jax.random.uniform(key, (nodes,))  # [N]
+  u = jax.random.uniform(key, (nodes,)) if u is None else u  # [N] in [0, 1)
   if settings.peers == 'random':
     target = (ids + 1 + jnp.floor(u * (nodes - 1)).astype(jnp.int32)) % nodes
     return target, jnp.full((nodes,), nodes > 1)
@@ -290,14 +360,15 @@ def push_targets(key: PRNGKey, settings: GossipSettings,
 
 
 def messages(key: PRNGKey, send: jax.Array, alive: jax.Array, settings: GossipSettings,
-             topology: Topology | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             topology: Topology | None,
+             u: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(src, dst, valid) of this tick's messages, each [N, S]; pull form has dst = row."""
   ids = jnp.arange(settings.nodes, dtype=jnp.int32)
   if settings.pull:  # row i receives from each neighbour that woke
     src = topology.idx  # [N, k]
     dst = jnp.broadcast_to(ids[:, None], src.shape)
     return src, dst, neighbour_mask(topology) & send[src] & alive[:, None]
-  target, ok = push_targets(key, settings, topology)  # [N]
+  target, ok = push_targets(key, settings, topology, u)  # [N]
   valid = send & ok & alive[target]
   return ids[:, None], target[:, None], valid[:, None]
 
@@ -556,6 +627,203 @@ def gossip_round(settings: GossipSettings, learner: Learner, topology: Topology 
   return state, metrics
 
 
+# ------------------------------------------------------------------ dfl2 mode: the network
+
+
+@struct.dataclass
+class Outbox:
+  """The model each node pushed last and its messages in flight (dfl2 mode)."""
+
+  params: Stacked  # leaves [N, ...]: the model each node last pushed
+  var: Stacked  # leaves [N]: its layer variances
+  age: jax.Array  # [N, K] float32: its ages
+  part: jax.Array  # [N] int32: the partition it carries
+  dst: jax.Array  # [N, S] int32: receivers (push form: row = sender; pull form: row = receiver)
+  arrival: jax.Array  # [N, S] float32: simulated second each message arrives (inf: none)
+  busy_until: jax.Array  # [N] float32: when the node's last push has fully arrived
+
+
+@struct.dataclass
+class NetGossipState:
+  next_wake: jax.Array  # [N] float32, simulated second of each node's next wake-up
+  age: jax.Array  # [N, K] float32, samples trained on, per model partition
+  dropped: jax.Array  # [] int32, wake-ups beyond max_active postponed by a tick, summed
+  merges: jax.Array  # [] int32, merges summed over ticks
+  wakes: jax.Array  # [N] int32, wake-ups (trainings) of each node so far
+  buffer: Inbox  # models received and not merged yet
+  out: Outbox
+
+
+def event_keys(key: PRNGKey, wakes: jax.Array, ids: jax.Array, stream: Stream) -> PRNGKey:
+  """Keys ``[R]`` of nodes ``ids`` for their wake-up number ``wakes [R]``: dfl2 mode draws
+  by event, not by tick, so a node's batches, intervals and peers do not depend on the
+  tick length."""
+  return jax.vmap(lambda n, w: jax.random.fold_in(round_key(key, w, stream), n))(ids, wakes)
+
+
+def event_uniform(key: PRNGKey, wakes: jax.Array, stream: Stream, salt: int) -> jax.Array:
+  """One uniform draw in [0, 1) per node ``[N]`` for its wake-up number ``wakes [N]``."""
+  keys = event_keys(jax.random.fold_in(key, salt), wakes, jnp.arange(wakes.shape[0]), stream)
+  return jax.vmap(jax.random.uniform)(keys)
+
+
+def slots(settings: GossipSettings, topology: Topology | None) -> int:
+  """Message slots per row: the neighbour table's width (pull form) or 1."""
+  return topology.idx.shape[1] if settings.pull else 1
+
+
+def net_init(settings: GossipSettings, learner: Learner, topology: Topology | None,
+             key: PRNGKey, data: NodeData) -> SimState:
+  """N fresh models, age 0, nothing in flight; first wake-ups at 0 (``fixed``, as DFL2's
+  synchronous start) or uniform in [0, period)."""
+  base = gossip_init(settings, learner, key, data)
+  nodes, parts, s = settings.nodes, settings.partitions, slots(settings, topology)
+  params = base.nodes.params
+  first = jax.random.uniform(jax.random.fold_in(round_key(key, 0, Stream.GOSSIP), 1), (nodes,),
+                             maxval=settings.period_seconds)  # [N]
+  if settings.wake == 'fixed':
+    first = jnp.zeros((nodes,), jnp.float32)
+  age = jnp.zeros((nodes, parts), jnp.float32)
+  out = Outbox(params=params, var=mixing.layer_variance(params), age=age,
+               part=jnp.zeros((nodes,), jnp.int32), dst=jnp.zeros((nodes, s), jnp.int32),
+               arrival=jnp.full((nodes, s), jnp.inf, jnp.float32),
+               busy_until=jnp.zeros((nodes,), jnp.float32))
+  extra = NetGossipState(next_wake=first, age=age, dropped=jnp.zeros((), jnp.int32),
+                         merges=jnp.zeros((), jnp.int32), wakes=jnp.zeros((nodes,), jnp.int32),
+                         buffer=empty_inbox(params, nodes, parts, settings.masked), out=out)
+  return base.replace(extra=extra)
+
+
+def train_wakers(settings: GossipSettings, learner: Learner, state: SimState, data: NodeData,
+                 end: jax.Array):
+  """The nodes whose timer fires before ``end`` train one local update on their model.
+  Returns (params, opt_state, woke [N], steps [N], loss sum, wakers that wanted to)."""
+  g, nodes = state.extra, settings.nodes
+  wants = (g.next_wake < end) & state.available  # [N]
+  ids, row_ok = acting_rows(jax.random.fold_in(round_key(state.key, state.round, Stream.TOPOLOGY),
+                                               3), wants, settings)  # [R]
+  params, opt_state = state.nodes.params, state.nodes.opt_state
+  keys = event_keys(state.key, g.wakes[ids], ids, Stream.BATCH)  # [R]
+  result = train_nodes(learner, take_rows(params, ids), take_rows(opt_state, ids), keys, data,
+                       rows=ids, round_=state.round)
+  scatter = jnp.where(row_ok, ids, nodes)  # [R]
+  woke = jnp.zeros((nodes,), bool).at[scatter].set(True, mode='drop')  # [N]
+  steps = jnp.zeros((nodes,), jnp.int32).at[scatter].set(result.steps, mode='drop')  # [N]
+  loss = jnp.sum(jnp.where(row_ok, result.loss, 0.0))
+  return (put_rows(params, result.params, scatter), put_rows(opt_state, result.opt_state, scatter),
+          woke, steps, loss, wants)
+
+
+def push(settings: GossipSettings, topology: Topology | None, network: network_lib.Network,
+         state: SimState, params: Stacked, age: jax.Array, woke: jax.Array, send_time: jax.Array,
+         model_bytes: int) -> tuple[Outbox, jax.Array]:
+  """The nodes that woke push their trained ``params`` at ``send_time [N]``; a message of
+  ``model_bytes`` arrives after latency + bytes / shared bandwidth (a sender's k pushes share
+  its upload, a receiver's concurrent arrivals its download). Returns (outbox, sent [N])."""
+  out, alive, nodes = state.extra.out, state.available, settings.nodes
+  kt = round_key(state.key, state.round, Stream.TOPOLOGY)
+  wakes = state.extra.wakes
+  u = event_uniform(state.key, wakes, Stream.TOPOLOGY, 0)  # [N]
+  src, dst, valid = messages(kt, woke, alive, settings, topology, u)  # [N, S]
+  sent = message_counts(valid, src, nodes)  # [N]
+  incoming = receiver_sum(valid.astype(jnp.int32), dst, nodes, settings.pull)  # [N]
+  transfer = network.transfer_seconds(src, dst, model_bytes, sent[src], incoming[dst])  # [N, S]
+  arrival = jnp.where(valid, send_time[src] + transfer, out.arrival)  # [N, S]
+  last = jax.ops.segment_max(jnp.where(valid, arrival, -jnp.inf).ravel(), src.ravel(),
+                             num_segments=nodes)  # [N]
+  new = lambda a, b: jnp.where(woke.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+  part = jnp.minimum(event_uniform(state.key, wakes, Stream.TOPOLOGY, 1) * settings.partitions,
+                     settings.partitions - 1).astype(jnp.int32)  # [N]
+  var = mixing.layer_variance(params, settings.vc.unbiased if settings.vc else False)
+  return Outbox(params=jax.tree.map(new, params, out.params), var=jax.tree.map(new, var, out.var),
+                age=new(age, out.age), part=new(part, out.part),
+                dst=jnp.where(valid, dst, out.dst), arrival=arrival,
+                busy_until=new(jnp.maximum(send_time, last), out.busy_until)), sent
+
+
+def deliver(settings: GossipSettings, topology: Topology | None, state: SimState, out: Outbox,
+            end: jax.Array, pids: Params) -> tuple[Inbox, Outbox]:
+  """Messages arriving before ``end`` join their receivers' buffers (lost if the receiver
+  is offline). Returns (held buffer, outbox without them)."""
+  alive, nodes = state.available, settings.nodes
+  src = topology.idx if settings.pull else jnp.broadcast_to(
+      jnp.arange(nodes, dtype=jnp.int32)[:, None], out.dst.shape)  # [N, S]
+  arrive = out.arrival < end  # [N, S] (inf: nothing in flight)
+  valid = arrive & alive[out.dst]
+  key = jax.random.fold_in(round_key(state.key, state.round, Stream.TOPOLOGY), 2)
+  inbox = inbox_of(out.params, out.var, out.age, src, out.dst, valid, out.part[src], pids, key,
+                   settings)
+  buffer = state.extra.buffer
+  held = jax.tree.map(jnp.add, buffer, inbox).replace(
+      age_max=jnp.maximum(buffer.age_max, inbox.age_max))
+  return held, out.replace(arrival=jnp.where(arrive, jnp.inf, out.arrival))
+
+
+def merge_full_buffers(settings: GossipSettings, params: Stacked, held: Inbox, age: jax.Array,
+                       alive: jax.Array, pids: Params):
+  """Online nodes holding ``buffer_size`` models merge them into their model (DFL2's
+  ``get_output_model``) and are variance-corrected. Returns (params, age, acts [N])."""
+  acts = (held.count >= settings.buffer_size) & alive  # [N]
+  own_var = mixing.layer_variance(params, settings.vc.unbiased if settings.vc else False)
+  one = functools.partial(merge_leaf, age=age, got=acts, merge=settings.merge,
+                          w_self=settings.w_self, partitions=settings.partitions)
+  merged = jax.tree.map(one, params, held.num, held.den, pids)
+  new_age = jnp.where(acts[:, None], jnp.maximum(age, held.age_max), age)
+  if settings.vc is not None:
+    target = dfl2_target(settings, held, age, own_var, merged)
+    merged = mixing.variance_correct(merged, target, settings.vc, where=acts)
+  return merged, new_age, acts
+
+
+def dfl2_target(settings: GossipSettings, held: Inbox, age: jax.Array, own_var: Stacked,
+                merged: Stacked) -> Stacked:
+  """DFL2's correction target ``[N]`` per leaf: the mean variance of the received models,
+  own excluded ('received' = DFL2 ``others``), blended with the merged model's own variance
+  by the self weight ('follow_beta'), or the own variance before merging ('self', DFL2's
+  ``train_50_average_50_fix_variance_self``). The age merge has no fixed self weight: its
+  'follow_beta' weights the variances like the models."""
+  if settings.merge == 'age' and settings.vc.target == 'follow_beta':
+    return merge_target(settings, held, age, own_var)
+  merged_var = mixing.layer_variance(merged, settings.vc.unbiased)
+  return mixing.received_only_target(settings.vc, own_var, merged_var, held.var_sum, held.count,
+                                     settings.w_self or 0.0)
+
+
+def net_round(settings: GossipSettings, learner: Learner, topology: Topology | None,
+              network: network_lib.Network, model_bytes: int, state: SimState,
+              data: NodeData) -> tuple[SimState, RoundMetrics]:
+  """One tick of ``tick_seconds`` in dfl2 mode: wake-ups train and push, arrivals are
+  buffered, full buffers merge (DFL2's order within a tick)."""
+  g, nodes, dt = state.extra, settings.nodes, settings.tick_seconds
+  end = (state.round + 1).astype(jnp.float32) * dt
+  params, opt_state, woke, steps, loss, wants = train_wakers(settings, learner, state, data, end)
+  age = g.age + (steps * learner.batch_size).astype(jnp.float32)[:, None]  # [N, K]
+  wake_at = jnp.maximum(g.next_wake, state.round.astype(jnp.float32) * dt)  # [N]
+  send_time = wake_at + network.compute_seconds(jnp.arange(nodes), steps * learner.batch_size)
+  out, sent = push(settings, topology, network, state, params, age, woke, send_time,
+                   model_bytes)
+  interval = wake_seconds(event_uniform(state.key, g.wakes, Stream.GOSSIP, 0), settings)  # [N]
+  due = g.next_wake < end
+  next_wake = jnp.where(woke, jnp.maximum(wake_at + interval, out.busy_until),
+                        jnp.where(due & ~state.available, g.next_wake + interval, g.next_wake))
+  pids = partition_ids(jax.tree.map(lambda x: x[0], params), settings.partitions)
+  held, out = deliver(settings, topology, state, out, end, pids)
+  params, age, acts = merge_full_buffers(settings, params, held, age, state.available, pids)
+  buffer = emptied_buffer(held, jnp.where(acts, jnp.arange(nodes), nodes), nodes)
+  n_woke = jnp.sum(woke, dtype=jnp.int32)
+  state = state.replace(
+      round=state.round + 1, nodes=NodeState(params, opt_state),
+      clock=state.clock + jnp.float32(dt),
+      sent=state.sent.at[:, MODEL].add(sent),
+      extra=NetGossipState(next_wake=next_wake, age=age,
+                           dropped=g.dropped + jnp.sum(wants & ~woke, dtype=jnp.int32),
+                           merges=g.merges + jnp.sum(acts, dtype=jnp.int32),
+                           wakes=g.wakes + woke.astype(jnp.int32), buffer=buffer, out=out))
+  return state, RoundMetrics(train_loss=loss / jnp.maximum(n_woke, 1),
+                             sim_seconds=jnp.float32(dt), messages=model_messages(jnp.sum(sent)),
+                             active_nodes=n_woke, node_steps=jnp.sum(steps))
+
+
 def check_config(c) -> None:
   """Gossip's checks on the whole experiment config."""
   topology_lib.check_graph(c)
@@ -574,9 +842,10 @@ def build(ctx: registry.BuildContext) -> Protocol:
   protocol = gossip(
       ctx.learner, nodes=c.nodes, topology=graph, delta=c.gossip_delta, wake=c.gossip_wake,
       peers=c.gossip_peers, merge=c.gossip_merge, beta=c.gossip_beta,
-      buffer_size=c.gossip_buffer, partitions=c.gossip_partitions, keep_prob=c.gossip_keep,
+      buffer_size=c.gossip_buffer or None, partitions=c.gossip_partitions, keep_prob=c.gossip_keep,
       max_active=c.gossip_max_active, tick_seconds=c.tick_seconds,
-      variance_correction=ctx.variance_correction)
+      variance_correction=ctx.variance_correction, mode=c.gossip_mode,
+      period_seconds=c.gossip_period_seconds, network=ctx.network)
   model = message_bytes(ctx.learner.model_bytes(), c.gossip_partitions, c.gossip_keep)
   return protocol._replace(node_models=lambda state: state.nodes.params,
                            message_bytes=network_lib.message_bytes(model, c.nodes),
@@ -584,5 +853,6 @@ def build(ctx: registry.BuildContext) -> Protocol:
 
 
 registry.register(registry.ProtocolSpec(
-    'gossip', build, 'Gossip learning (Ormandi et al. 2013), in ticks', check_config,
+    'gossip', build, 'Gossip learning (Ormandi et al. 2013; DFL2 semantics by default)',
+    check_config,
     GossipConfig))

@@ -6,15 +6,20 @@ random 8-regular graph, Dirichlet(0.5) label skew, local SGD with momentum 0.9
 and learning rate 0.05 (the project default, stable for every label here), on
 MNIST-1D (the dataset available offline; ``dataset=`` picks another). Labels:
 
-* ``gossip`` / ``gossip_vc``: gossip learning in ticks, every node wakes every
-  8-12 ticks and pushes to all neighbours, merge 0.5 self + 0.5 mean(received),
-  one local step per merge; ``_vc`` adds variance correction ('received');
+* ``gossip`` / ``gossip_vc``: gossip learning with DFL2's semantics on the simulated
+  network (``--gossip_mode=dfl2``): every node trains one batch every 8-12 simulated
+  seconds and pushes the result to all neighbours, merging 0.5 self + 0.5 mean(received)
+  once it holds 2 models; ``_vc`` adds variance correction ('received': the mean
+  variance of the received models, own excluded);
 * ``dpsgd`` / ``dpsgd_vc``: D-PSGD, Metropolis-Hastings weights, 5 local steps;
 * ``fedavg``: FedAvg, 10 of 100 clients per round, 5 local steps.
 
 ``rounds_to_target`` is in ticks for gossip and rounds otherwise;
-``periods_to_target`` puts gossip on the others' scale (ticks / delta: in one
-wake-up period every node sends once, as in one D-PSGD round). Writes
+``periods_to_target`` puts gossip on the others' scale (ticks / ticks per wake-up
+period: in one period every node sends once, as in one D-PSGD round). Every run also
+reports ``seconds_to_target`` (simulated), ``bytes_to_target`` and
+``node_steps_to_target`` (local optimiser steps summed over nodes), all on the nodes'
+own accuracy; the node-average model's is ``consensus_rounds_to_*``. Writes
 ``study.json``, one run directory per label and ``variance.png`` (accuracy and
 per-layer weight variance / Xavier variance over periods).
 
@@ -46,11 +51,12 @@ def configs(quick: bool = False, dataset: str = 'mnist1d') -> dict[str, Experime
   base = base_config(quick, dataset)
   ticks = 400 if quick else 2000
   gossip = dataclasses.replace(
-      base, protocol='gossip', gossip_peers='all_neighbours', gossip_merge='half',
-      gossip_delta=10, gossip_wake='uniform', local_steps=1, rounds=ticks, eval_every=25,
-      # ~57 of 100 nodes receive per tick (1 - 0.9^8); 80 rows almost never overflow
-      # (overflow is counted in the run's 'gossip_dropped').
-      gossip_max_active=80)
+      base, protocol='gossip', gossip_mode='dfl2', gossip_peers='all_neighbours',
+      gossip_merge='half', gossip_period_seconds=10.0, tick_seconds=1.0, gossip_buffer=2,
+      gossip_wake='uniform', local_steps=1, rounds=ticks, eval_every=25,
+      # ~10 of 100 nodes wake per tick; 40 training rows almost never overflow
+      # (overflow is postponed a tick and counted in the run's 'gossip_dropped').
+      gossip_max_active=40)
   dpsgd = dataclasses.replace(base, protocol='dpsgd', local_steps=5)
   return {
       'gossip': gossip,
@@ -69,11 +75,17 @@ def _first(rows: list[dict], key: str, target: float) -> int | None:
 def run_one(c: ExperimentConfig, out: pathlib.Path) -> dict[str, Any]:
   summary = experiment.run(c, out_dir=out, log=lambda _: None)
   rows = [json.loads(l) for l in open(out / 'metrics.jsonl') if l.strip()]
-  period = c.gossip_delta if c.protocol == 'gossip' else 1
+  period = c.gossip_period_seconds / c.tick_seconds if c.protocol == 'gossip' else 1
   summary['unit'] = 'ticks' if c.protocol == 'gossip' else 'rounds'
   summary['round_unit_per_period'] = period
   hit = summary['rounds_to_target']
   summary['periods_to_target'] = None if hit is None else hit / period
+  steps = 0
+  summary['node_steps_to_target'] = None
+  for r in rows:
+    steps += r.get('node_steps') or 0
+    if hit is not None and r['round'] == hit:
+      summary['node_steps_to_target'] = steps
   for t in TARGETS:
     summary[f'rounds_to_{t}'] = _first(rows, 'accuracy', t)
     summary[f'consensus_rounds_to_{t}'] = _first(rows, 'consensus_accuracy', t)
@@ -91,6 +103,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, dataset: str = 'mnist1d',
     runs[label] = run_one(c, out_dir / label)
   write_study(out_dir, 'variance', runs,
               columns=('final_accuracy', 'rounds_to_target', 'periods_to_target',
+                       'seconds_to_target', 'node_steps_to_target', 'bytes_to_target',
                        'consensus_rounds_to_0.6', 'wall_seconds'))
   plot(out_dir, runs)
   return runs
@@ -145,7 +158,7 @@ def run_sweep(out_dir: pathlib.Path, quick: bool = False, dataset: str = 'mnist1
     for vc in ('none', 'received'):
       label = f'n{nodes}_d{degree}' + ('_vc' if vc != 'none' else '')
       c = dataclasses.replace(gossip, nodes=nodes, degree=degree, variance_correction=vc,
-                              gossip_max_active=min(nodes, max(8, int(0.8 * nodes))))
+                              gossip_max_active=min(nodes, max(8, int(0.4 * nodes))))
       print(f'[variance_sweep] {label}', flush=True)
       runs[label] = run_one(c, out_dir / label)
   write_study(out_dir, 'variance_sweep', runs,

@@ -23,7 +23,8 @@ CASES = {
     'dpsgd_onepeer': dict(protocol='dpsgd', mixing='sparse', topology='one_peer_exponential'),
     'modest': dict(protocol='modest', sample_size=6, aggregators=2),
     'modest_local': dict(protocol='modest', sample_size=6, aggregators=2, views='local'),
-    'gossip': dict(protocol='gossip', gossip_peers='random', init='independent'),
+    'gossip': dict(protocol='gossip', gossip_peers='random', init='independent',
+                   gossip_period_seconds=1.0),  # dfl2 mode: every node trains every tick
 }
 
 
