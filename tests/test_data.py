@@ -241,7 +241,7 @@ def test_synthetic_users_are_non_iid_and_deterministic():
 
 
 def test_load_dataset_rejects_bad_requests():
-  with pytest.raises(S.DataError, match='mnist1d, synthetic, mnist'):
+  with pytest.raises(S.DataError, match='mnist1d, synthetic, text, mnist'):
     S.load_dataset('imagenet')
   with pytest.raises(S.DataError, match='nodes'):
     S.load_dataset('synthetic')

@@ -385,7 +385,7 @@ SLOW = pytest.mark.slow  # the same path as a case CI runs; kept for pytest -m s
 
 @pytest.mark.parametrize('sig,delay', [
     (signal.SIGINT, 'compile'), pytest.param(signal.SIGTERM, 'compile', marks=SLOW),
-    pytest.param(signal.SIGINT, 'rows', marks=SLOW), (signal.SIGTERM, 'rows')])
+    pytest.param(signal.SIGINT, 'rows', marks=SLOW), pytest.param(signal.SIGTERM, 'rows', marks=SLOW)])
 def test_signal_then_resume_gives_identical_metrics(sig, delay, uninterrupted, tmp_path):
   out = tmp_path / 'run'
   args = [*INTERRUPT_ARGS, f'--out={out}']

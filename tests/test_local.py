@@ -40,6 +40,7 @@ def test_vmapped_update_equals_loop_over_nodes(tiny_config, model):
     np.testing.assert_allclose(one.loss, batched.loss[i], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_map_equals_vmap(tiny_config):
   config = dataclasses.replace(tiny_config, model='lenet', local_steps=2)
   exp, params, opt, keys = _setup(config, n_rows=7)

@@ -10,7 +10,7 @@ nbclient = pytest.importorskip('nbclient')
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / 'notebooks').glob('*.ipynb'))
 # CI time: these two run code that other CI tests cover (the variance study's runs, SAPO
 # through the run loop); the slow suite runs them.
-SLOW = {'vanishing_variance', 'sapo'}
+SLOW = {'vanishing_variance', 'sapo', 'modest'}
 
 
 @pytest.mark.parametrize('path', [

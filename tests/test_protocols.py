@@ -112,6 +112,7 @@ def test_same_seed_gives_bitwise_identical_metrics(tiny_config, tmp_path):
   assert (tmp_path / 'a' / 'metrics.jsonl').read_text() == (tmp_path / 'b' / 'metrics.jsonl').read_text()
 
 
+@pytest.mark.slow
 def test_fedavg_learns_beyond_a_linear_model(tmp_path):
   """FedAvg with the LeNet on MNIST-1D must beat 0.5 test accuracy within 60 rounds.
 

@@ -177,6 +177,7 @@ def test_staleness_round_runs_and_external_groups_fill():
   assert state.history.completions.shape[:3] == (2, 3, 2)
 
 
+@pytest.mark.slow
 def test_base_models_are_cached_and_restored_identically(tmp_path):
   policy = policy_lib.make_policy(CONFIG)
   warm = base_lib.WarmupConfig(steps_min=1, steps_max=3, batch_size=4, kinds_per_node=2)
@@ -194,6 +195,7 @@ def test_base_models_are_cached_and_restored_identically(tmp_path):
   np.testing.assert_array_equal(base_lib.warmup_steps(3, warm), [1, 2, 3])
 
 
+@pytest.mark.slow
 def test_shared_base_models_are_one_trajectory():
   """``base_init='shared'``: node n is the shared warm-up stopped at its own step count."""
   policy = policy_lib.make_policy(CONFIG)
@@ -270,6 +272,7 @@ TINY = ['--nodes=3', '--local_groups=2', '--external_groups=2', '--generations=2
         '--layers=1', '--warmup_min=1', '--warmup_max=2', '--task_mix=bits']
 
 
+@pytest.mark.slow
 def test_resume_continues_a_sapo_run_bitwise(tmp_path, monkeypatch):
   """The run loop checkpoints SAPO's whole state (the staleness history included): a run
   stopped at round 20 and resumed to 40 writes the rows of an uninterrupted 40-round run."""
