@@ -41,10 +41,10 @@ _TFDS_NAMES = {
 
 _MNIST1D_DEFAULT_SAMPLES = 5_000  # the size of the published MNIST-1D dataset
 _SYNTHETIC_DEFAULT_SAMPLES = 10_000
-_SYNTHETIC_DIM = 60
-_SYNTHETIC_CLASSES = 10
+SYNTHETIC_DIM = 60
+SYNTHETIC_CLASSES = 10
 _SYNTHETIC_MIN_PER_USER = 10  # leaves >= 2 test samples per user after the 20% hold-out
-_SYNTHETIC_TEST_FRACTION = 0.2
+SYNTHETIC_TEST_FRACTION = 0.2
 
 
 class DataError(ConfigError):
@@ -246,7 +246,7 @@ def _synthetic(num_samples: int, nodes: int | None, seed: int, alpha: float,
     raise DataError(f'synthetic_alpha and synthetic_beta must be >= 0, got {alpha}, {beta}')
   rng = np.random.default_rng(seed)
   sizes = _lognormal_sizes(rng, nodes, num_samples)  # [K]
-  d, c = _SYNTHETIC_DIM, _SYNTHETIC_CLASSES
+  d, c = SYNTHETIC_DIM, SYNTHETIC_CLASSES
   u = rng.normal(0.0, alpha, nodes)  # [K]
   b_mean = rng.normal(0.0, beta, nodes)  # [K]
   w = rng.normal(u[:, None, None], 1.0, (nodes, d, c))  # [K, D, C]
@@ -258,7 +258,7 @@ def _synthetic(num_samples: int, nodes: int | None, seed: int, alpha: float,
   for k in range(nodes):  # host-side, once; K is at most a few thousand
     x = v[k] + std * rng.standard_normal((sizes[k], d))  # [n_k, D]
     y = np.argmax(x @ w[k] + b[k], axis=1)  # [n_k]; softmax is monotone
-    n_test = int(sizes[k] * _SYNTHETIC_TEST_FRACTION)
+    n_test = int(sizes[k] * SYNTHETIC_TEST_FRACTION)
     n_train = sizes[k] - n_test
     parts['x_train'].append(x[:n_train])
     parts['y_train'].append(y[:n_train])

@@ -45,12 +45,11 @@ import numpy as np
 from flax import struct
 
 from decsim.config import Component, check, option
+from decsim.data.sources import SYNTHETIC_CLASSES, SYNTHETIC_DIM, SYNTHETIC_TEST_FRACTION
 from decsim.types import PRNGKey
 
 CLIENT_DATA = ('auto', 'table', 'generated')
 TABLE_MAX_NODES = 10_000  # --client_data=auto: a table up to here, generated beyond
-SYNTHETIC_DIM, SYNTHETIC_CLASSES = 60, 10
-SYNTHETIC_TEST_FRACTION = 0.2
 _SIZE, _MODEL, _SAMPLE, _TEST = 0, 1, 2, 3  # streams under a client's key
 _DATA_STREAM = 0xDA7A  # the data key: fold_in(key(seed), this)
 
