@@ -29,8 +29,10 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 * 2 ** 30))
 # The suite's time is XLA compiling many small programs, not running them: LLVM's -O0
 # compiles them about 1.7x faster on the CPU (tests compare programs built under the same
 # flags, so their equivalences hold as at -O2). Added to any XLA_FLAGS already set; the
-# subprocesses (CLI, notebooks, fake-device runs) inherit it.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# subprocesses (CLI, notebooks, fake-device runs) inherit it. Skipping LLVM's expensive
+# passes saves about 10% more compile time (user CPU of tests/test_protocols.py: 60.4 s
+# against 53.7 s).
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
