@@ -1,6 +1,9 @@
 """Population scale for MoDeST (issue 16): the state keeps the ``s`` models in flight, not a
 row per node, and gives the metrics of the row-per-node layout bit for bit."""
 
+import dataclasses
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -121,3 +124,51 @@ def test_reforward_reads_the_same_models_from_either_layout(setup):
   expected = jax.tree.map(lambda p: p[up].mean(0), trained)
   chex.assert_trees_all_close(jax.tree.map(lambda p: p[0], recovered.agg_params), expected,
                               rtol=1e-6)
+
+
+# ----------------------------------------------------------- --study=modest_population
+
+@pytest.mark.parametrize('quick', [True, False])
+def test_population_study_compares_modest_and_fedavg_on_the_same_clients(quick):
+  """Four runs: MoDeST and FedAvg under Bernoulli availability and under a crash schedule
+  that takes 80% of the generated Synthetic(1, 1) clients; within a setting only the
+  protocol differs, across settings only the availability."""
+  from decsim.studies import modest_population
+  configs = modest_population.configs(quick)
+  assert sorted(configs) == ['fedavg_bernoulli', 'fedavg_crash', 'modest_bernoulli',
+                             'modest_crash']
+  nodes = 20_000 if quick else 1_000_000
+  churn_fields = {'p_online', 'crash_start_seconds', 'crash_every_seconds', 'crash_batch',
+                  'crash_fraction'}
+  rest = [{k: v for k, v in dataclasses.asdict(c).items() if k not in churn_fields | {'protocol'}}
+          for c in configs.values()]
+  assert all(r == rest[0] for r in rest)
+  assert (rest[0]['nodes'], rest[0]['sample_size'], rest[0]['dataset'], rest[0]['client_data'],
+          rest[0]['aggregators']) == (nodes, 100, 'synthetic', 'generated', 1)
+  crash = configs['modest_crash']
+  assert math.floor(crash.crash_fraction * nodes) == 16 * crash.crash_batch  # 16 batches: 80%
+  assert configs['fedavg_bernoulli'].p_online == 0.5 and crash.p_online == 1.0
+  for config in configs.values():  # a valid experiment: every field checked
+    experiment.ExperimentConfig(**dataclasses.asdict(config))
+
+
+# ----------------------------------------------------------------- traces, a row at a time
+
+def test_a_streamed_trace_equals_the_whole_file_read_at_once(tmp_path):
+  """``load_trace`` streams the file a row at a time into its matrix: the same bool matrix
+  as parsing the whole file at once, comments, blank lines and both separators included;
+  a short row is still refused with one line."""
+  rng = np.random.default_rng(0)
+  matrix = rng.random((7, 500)) < 0.3
+  lines = ['# a trace'] + [(',' if r % 2 else ' ').join(map(str, row.astype(int)))
+                           for r, row in enumerate(matrix)]
+  lines.insert(3, '')
+  path = tmp_path / 'trace.csv'
+  path.write_text('\n'.join(lines) + '\n')
+  streamed = churn.load_trace(str(path), 500)
+  assert streamed.dtype == bool
+  np.testing.assert_array_equal(streamed, np.asarray(network.read_rows(path)) == 1)
+  np.testing.assert_array_equal(streamed, matrix)
+  path.write_text('\n'.join(lines[:-1] + [' '.join(lines[-1].split()[:-1])]) + '\n')
+  with pytest.raises(churn.ChurnError, match='500 columns'):
+    churn.load_trace(str(path), 500)
