@@ -1,4 +1,5 @@
-r"""Population scale (issue 16): FedAvg's round time and peak memory from 10^3 to 10^7 clients.
+r"""Population scale (issue 16): FedAvg's and MoDeST's round time and peak memory from 10^3 to
+10^7 clients.
 
 Every (protocol, model, N) runs in a fresh subprocess on generated clients
 (``--client_data=generated``: LEAF Synthetic(1, 1) made on the device from (seed, client),
@@ -8,12 +9,11 @@ one compiled chunk of ``--rounds`` rounds is run once to warm up and then timed
 (``simulate.peak_memory``: the device allocator's peak on a GPU, peak RSS on a CPU,
 which includes Python, the runtime and compiled code). ``state MiB`` is the simulation
 state's bytes (``SimState``: FedAvg's global model and s rows in flight, the [N, K] byte
-counters and the [N] availability mask). ``ratio`` is the round time over the same
+counters and the [N] availability mask; MoDeST's a aggregates and s rows in flight, its
+global view's [1, N] records and membership counters). ``ratio`` is the round time over the same
 protocol and model's smallest N, measured in the same run.
 
-MoDeST (s=100, a=1) is measured at the N it handles today: it still keeps one model
-row per node (O(N x model), a later step of issue 16), so its rows stop at
-``--modest_max_nodes``.
+MoDeST runs with s=100, a=1, the global view (``--views=local`` is N x N).
 
   python -m benchmarks.population --json=runs/bench/population.json
   python -m benchmarks.population --models=logistic --nodes=1000,1000000 --protocols=fedavg
@@ -28,7 +28,6 @@ from absl import app, flags
 flags.DEFINE_list('models', ['logistic', 'mlp'], 'Models (on Synthetic: 60 features, 10 classes).')
 flags.DEFINE_list('nodes', ['1000', '10000', '100000', '1000000', '10000000'], 'Node counts N.')
 flags.DEFINE_list('protocols', ['fedavg', 'modest'], 'fedavg and/or modest.')
-flags.DEFINE_integer('modest_max_nodes', 10_000, 'MoDeST only up to this N (N model rows).')
 flags.DEFINE_integer('sample_size', 100, 'Clients per round (s).')
 flags.DEFINE_integer('rounds', 5, 'Rounds per timed compiled chunk.')
 flags.DEFINE_integer('repeats', 3, 'Timed chunks; the median is kept.')
@@ -100,8 +99,6 @@ def main(argv):
     for model in FLAGS.models:
       base = None
       for nodes in map(int, FLAGS.nodes):
-        if protocol == 'modest' and nodes > FLAGS.modest_max_nodes:
-          continue
         rec = {'protocol': protocol, 'model': model, 'nodes': nodes,
                'sample_size': FLAGS.sample_size, **measure(protocol, model, nodes)}
         records.append(rec)

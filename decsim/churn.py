@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decsim.network import read_rows
 from decsim.protocols.base import Protocol
 from decsim.rng import Stream, round_key
 from decsim.config import Component, option
@@ -107,21 +106,37 @@ def validate(config: ChurnConfig, nodes: int) -> None:
 
 
 def load_trace(path: str, nodes: int) -> np.ndarray:
-  """A 0/1 matrix, one row per round and one column per node (CSV or whitespace)."""
+  """A 0/1 matrix ``[rounds, N]`` bool, one row per round and one column per node (CSV or
+  whitespace, # comments). Streamed a row at a time into the preallocated matrix (a first
+  pass counts the rows), so a trace of millions of clients costs the matrix's own bytes
+  (1 a node and round) plus one row being parsed, never a Python list of the file."""
   fix = 'write one row of 0/1 per round, one column per node'
   try:
-    rows = read_rows(path)
+    trace = np.empty((sum(1 for _ in _data_lines(path)), nodes), bool)  # [R, N]
+    for row, line in enumerate(_data_lines(path)):
+      values = np.array(line.replace(',', ' ').split(), np.float32)  # [N]
+      if values.size != nodes:
+        raise ChurnError(f'--trace_file={path} must have {nodes} columns (one per node) in '
+                         f'every row; {fix}')
+      if not np.all((values == 0) | (values == 1)):
+        raise ChurnError(f'--trace_file={path} holds values other than 0/1; {fix}')
+      trace[row] = values == 1
   except (OSError, ValueError) as e:
     raise ChurnError(f'--trace_file={path} cannot be read as a 0/1 matrix ({e}); {fix}') from None
-  if not rows or any(len(r) != nodes for r in rows):
+  if not trace.size:
     raise ChurnError(f'--trace_file={path} must have {nodes} columns (one per node) in every '
                      f'row; {fix}')
-  trace = np.asarray(rows)
-  if not np.all((trace == 0) | (trace == 1)):
-    raise ChurnError(f'--trace_file={path} holds values other than 0/1; {fix}')
   if not trace.any():
     raise ChurnError(f'--trace_file={path} has no 1 anywhere: no node would ever be online; {fix}')
-  return trace.astype(bool)
+  return trace
+
+
+def _data_lines(path: str):
+  """The file's non-empty, non-comment lines, one at a time."""
+  with open(path) as f:
+    for line in f:
+      if line.strip() and not line.lstrip().startswith('#'):
+        yield line
 
 
 def make_availability(config: ChurnConfig, nodes: int, seed: int

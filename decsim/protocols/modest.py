@@ -70,6 +70,19 @@ takes any rule with that signature as ``aggregate_fn``.
 Cost per round: O(s * a) model work — gather the sample, train s models, average
 a times — never O(N) models; plus O(N) (global) or O((s + a) * N) (local) view
 updates.
+
+Memory (issue 16). A node needs a model only while it trains or aggregates, so the
+state holds O((s + a) x model + N): the ``a`` aggregates that start the next round
+(``ModestState.agg_params``) with their holders (``agg_ids``), and the ``s`` models the
+last round's participants trained (``SimState.nodes.params``, leaves ``[s, ...]``, in
+the order of ``ModestState.participants``), which is what failure handling needs: after
+a failed round those participants re-forward exactly these models (``reforward``), and
+evaluation scores them as ``client_accuracy`` (the models nodes hold). Per node there are
+only small vectors: the global view's three ``[1, N]`` int32 records, the membership
+counters, crash times, availability and byte counters (``--views=local`` adds ``[N, N]``
+matrices and is refused above ``MAX_LOCAL_VIEW_NODES``). Checkpoints hold the same state.
+``modest(..., node_rows='all')`` keeps the layout before issue 16, a model row per node
+written at each participation; it gives the same metrics bitwise (tested).
 """
 
 import dataclasses
@@ -96,6 +109,7 @@ from decsim.types import Params, PRNGKey, Stacked
 VIEWS = ('global', 'local')
 AGGREGATOR_ORDERS = ('rank', 'bandwidth')
 STREAMS = ('shared', 'independent')
+NODE_ROWS = ('in_flight', 'all')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +204,7 @@ class ModestSettings:
   stream: Stream  # the random stream of the hash ranking
   reforward_timeout: float = 300.0  # a participant's wait for an acknowledgement that never comes
   by_bandwidth: bool = False  # aggregators: the next sample's first s, fastest upload first
+  all_rows: bool = False  # node_rows='all': a model row per node [N, ...], else the s in flight
 
 
 @struct.dataclass
@@ -228,13 +243,17 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
            stream: str = 'shared', reforward_timeout: float = 300.0,
            aggregator_order: str = 'rank', network: Network | None = None, availability=None,
            variance_correction: mixing.VarianceCorrection | None = None,
-           aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None) -> Protocol:
+           aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None,
+           node_rows: str = 'all') -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
 
   ``views`` is ``'global'`` or ``'local'`` (per-node views, see the module
   docstring). ``availability(key, round, clock) -> churn.Availability`` supplies
   membership (joins and graceful leaves); online status comes from
-  ``state.available``.
+  ``state.available``. ``node_rows`` is where trained models are kept between rounds
+  (see "Memory" in the module docstring): ``'in_flight'``, the last round's ``s``
+  (what experiments build), or ``'all'``, a row per node, indexed by node id (the
+  layout before issue 16; the same metrics bitwise).
   """
   s, a = sample_size, aggregators
   if not 1 <= s <= nodes:
@@ -247,6 +266,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
     raise ValueError(f'aggregator order {aggregator_order!r} must be one of {AGGREGATOR_ORDERS}')
   if views not in VIEWS or stream not in STREAMS:
     raise ValueError(f'views {views!r} / stream {stream!r} must be one of {VIEWS} / {STREAMS}')
+  if node_rows not in NODE_ROWS:
+    raise ValueError(f'node rows {node_rows!r} must be one of {NODE_ROWS}')
   settings = ModestSettings(
       nodes=nodes, sample_size=s, aggregators=a, wait_for=math.ceil(success_fraction * s),
       candidates=min(nodes, 2 * s + a),  # probing list: the sample of r+1 and beyond
@@ -254,7 +275,8 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
       ping_timeout=ping_timeout, inactivity_threshold=inactivity_threshold,
       local=views == 'local', model_bytes=learner.model_bytes(), mark_down=mark_down,
       stream=Stream.SAMPLE if stream == 'shared' else Stream.MODEST,
-      reforward_timeout=reforward_timeout, by_bandwidth=aggregator_order == 'bandwidth')
+      reforward_timeout=reforward_timeout, by_bandwidth=aggregator_order == 'bandwidth',
+      all_rows=node_rows == 'all')
   network = network if network is not None else uniform_network(nodes)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
@@ -263,8 +285,26 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
                         aggregate_fn=aggregate_fn or aggregate)
 
   return Protocol(functools.partial(modest_init, settings, learner, availability), round_,
-                  modest_model, client_models=lambda state: rows_of(state.nodes.params,
-                                                                    state.extra.participants))
+                  modest_model, client_models=functools.partial(trained_models, settings))
+
+
+def trained_models(settings: ModestSettings, state: SimState) -> tuple[Stacked, jax.Array]:
+  """The models the last round's participants trained (leaves ``[s, ...]``, in the order
+  of ``participants``) and which are real (``[s]``): what those nodes hold now."""
+  ids = state.extra.participants  # [s]
+  if settings.all_rows:
+    return rows_of(state.nodes.params, ids)
+  return state.nodes.params, ids < settings.nodes
+
+
+def keep_trained(settings: ModestSettings, state: SimState, part: jax.Array,
+                 trained: Stacked) -> Stacked:
+  """The node rows after a round whose participants ``part [s]`` (N: none) trained
+  ``trained [s, ...]``: those rows themselves, or (``all_rows``) written into ``[N, ...]``."""
+  if not settings.all_rows:
+    return trained
+  return jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
+                      state.nodes.params, trained)
 
 
 def modest_model(state: SimState) -> Params:
@@ -275,7 +315,8 @@ def modest_model(state: SimState) -> Params:
 
 def modest_init(settings: ModestSettings, learner: Learner, availability, key: PRNGKey,
                 data: NodeData) -> SimState:
-  """One model everywhere; the first ``a`` members hold it as round 0's aggregates."""
+  """The first ``a`` members hold one model as round 0's aggregates; the node rows (``s``
+  in flight, or one per node) start as that model."""
   del data
   nodes, a = settings.nodes, settings.aggregators
   model0 = learner.init_params(jax.random.fold_in(key, Stream.INIT))
@@ -293,7 +334,8 @@ def modest_init(settings: ModestSettings, learner: Learner, availability, key: P
                   joins=jnp.broadcast_to(counter, (rows, nodes))),
       counter=counter, participants=jnp.full((settings.sample_size,), nodes, jnp.int32),
       sent_at=jnp.float32(0))
-  return init_sim_state(key, NodeState(broadcast(model0, nodes), ()), extra)
+  kept = broadcast(model0, nodes if settings.all_rows else settings.sample_size)  # [s or N, ...]
+  return init_sim_state(key, NodeState(kept, ()), extra, num_nodes=nodes)
 
 
 # ------------------------------------------------------------------ views and sampling
@@ -637,6 +679,7 @@ def reforward(settings: ModestSettings, network: Network, aggregate_fn, state: S
   ex, nodes, a = state.extra, settings.nodes, settings.aggregators
   t0 = ex.sent_at + settings.reforward_timeout
   ids = jnp.minimum(ex.participants, nodes - 1)  # [s]
+  models, _ = trained_models(settings, state)  # [s, ...]
   up = (ex.participants < nodes) & state.available[ids] & (crash[ids] > t0)  # [s]
   ready = live & (crash[sample] > t0)  # [s] answers the re-forwarders' pings at t0
   slots = jnp.argsort(~ready, stable=True)[:a]  # [a] the first such participants
@@ -644,7 +687,7 @@ def reforward(settings: ModestSettings, network: Network, aggregate_fn, state: S
   transfer = network.transfer_seconds(ids[:, None], new_ids[None, :], settings.model_bytes,
                                       up_share=a, down_share=jnp.sum(up))  # [s, a]
   done = t0 + jnp.max(jnp.where(up[:, None], transfer, 0.0), axis=0)  # [a]
-  mean = aggregate_fn(jax.tree.map(lambda p: p[ids], state.nodes.params), up.astype(jnp.float32))
+  mean = aggregate_fn(models, up.astype(jnp.float32))
   any_up = jnp.any(up)
   params = jax.tree.map(lambda m, old: jnp.where(any_up, jnp.broadcast_to(m, old.shape), old),
                         mean, ex.agg_params)
@@ -708,8 +751,7 @@ def modest_round(settings: ModestSettings, learner: Learner, network: Network, a
   end = jnp.min(new_extra.agg_done)
   clock = jnp.where(jnp.isfinite(end), end, last_send)  # a lost round ends with its last send
   sent, messages = message_counts(settings, state, plan, prev_ok, heartbeat, resent)
-  node_params = jax.tree.map(lambda all_, new: all_.at[part].set(new, mode='drop'),
-                             state.nodes.params, result.params)
+  node_params = keep_trained(settings, state, part, result.params)  # [s or N, ...]
   new_state = state.replace(round=r + 1, nodes=state.nodes.replace(params=node_params),
                             clock=clock, sent=sent, extra=new_extra)
   metrics = RoundMetrics(
@@ -778,7 +820,8 @@ def build(ctx: registry.BuildContext) -> Protocol:
                 reforward_timeout=c.reforward_timeout, aggregator_order=c.aggregator_order,
                 network=ctx.network, availability=ctx.availability,
                 variance_correction=ctx.variance_correction,
-                aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0])
+                aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0],
+                node_rows='in_flight')
 
 
 registry.register(registry.ProtocolSpec(

@@ -12,6 +12,7 @@ STUDIES: dict[str, str] = {
     # name -> module path of a function run(out_dir: pathlib.Path, quick: bool) -> dict
     'modest': 'decsim.studies.modest:run',
     'modest_churn': 'decsim.studies.modest:run_churn',
+    'modest_population': 'decsim.studies.modest_population:run',
     'variance': 'decsim.studies.variance:run',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
     'sapo': 'decsim.studies.sapo:run',
