@@ -89,9 +89,10 @@ def test_success_fraction_ignores_the_slowest_participant(setup, tmp_path):
   net = network.uniform_network(12, latency=0.01).replace(speed=jnp.asarray(speeds, jnp.float32))
   protocol = modest(learner, nodes=12, sample_size=12, success_fraction=11 / 12, network=net)
   state, metrics = jax.jit(protocol.round)(protocol.init(jax.random.key(0), data), data)
-  # Node rows hold every participant's trained model; the aggregate is the mean of all but 5.
-  fast = np.arange(12) != 5
-  expected = jax.tree.map(lambda p: p[fast].mean(0), state.nodes.params)
+  # Every participant's trained model; the aggregate is the mean of all but node 5's.
+  fast = jnp.asarray([n for n in range(12) if n != 5])
+  held = modest_lib.models_held(protocol.init.args[0], state, fast)
+  expected = jax.tree.map(lambda p: p.mean(0), held)
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(protocol.model(state))):
     np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
   assert float(metrics.sim_seconds) < 1.0  # did not wait the 20 s of node 5
@@ -148,7 +149,7 @@ def test_variance_correction_at_the_aggregator(setup):
   s_plain, _ = jax.jit(plain.round)(plain.init(jax.random.key(0), data), data)
   s_vc, _ = jax.jit(corrected.round)(corrected.init(jax.random.key(0), data), data)
   sample, _ = hash_ranking(jax.random.key(0), 0, jnp.ones((12,), bool), 6)
-  trained = jax.tree.map(lambda p: p[sample], s_vc.nodes.params)  # the 6 trained models
+  trained = modest_lib.models_held(corrected.init.args[0], s_vc, sample)  # the 6 trained models
   kernel = lambda tree: tree['Dense_0']['kernel']
   target = float(jnp.mean(jax.vmap(jnp.var)(kernel(trained))))
   np.testing.assert_allclose(jnp.var(kernel(corrected.model(s_vc))), target, rtol=1e-4)
@@ -260,7 +261,8 @@ def test_a_participant_whose_view_disagrees_loses_its_model(setup):
   state, m = jax.jit(protocol.round)(state, data)
   assert int(state.extra.agg_ids[0]) == first_candidate
   kept = [int(p) for p in sample if p != stray]
-  expected = jax.tree.map(lambda p: p[jnp.asarray(kept)].mean(0), state.nodes.params)
+  held = modest_lib.models_held(protocol.init.args[0], state, jnp.asarray(kept))
+  expected = jax.tree.map(lambda p: p.mean(0), held)
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(protocol.model(state))):
     np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
   assert float(m.sim_seconds) >= timeout

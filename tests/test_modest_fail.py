@@ -133,7 +133,8 @@ def test_re_forwarded_aggregate_is_the_mean_of_the_live_participants_models(setu
       jnp.asarray(np.where(np.arange(NODES) == node, 0.0, np.inf), jnp.float32), sample, live)
   up = part[part != node]
   assert int(jnp.sum(senders)) == len(up)
-  mean_up = jax.tree.map(lambda p: p[up].mean(0), state.nodes.params)
+  held = modest_lib.models_held(settings, state, jnp.asarray(up))
+  mean_up = jax.tree.map(lambda p: p.mean(0), held)
   for e, g in zip(jax.tree.leaves(mean_up), jax.tree.leaves(recovered.agg_params)):
     np.testing.assert_allclose(e, g[0], rtol=1e-5, atol=1e-6)
   assert int(recovered.agg_ids[0]) == 3  # the first live node of the sample

@@ -244,7 +244,7 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
            aggregator_order: str = 'rank', network: Network | None = None, availability=None,
            variance_correction: mixing.VarianceCorrection | None = None,
            aggregate_fn: Callable[[Stacked, jax.Array], Params] | None = None,
-           node_rows: str = 'all') -> Protocol:
+           node_rows: str = 'in_flight') -> Protocol:
   """MoDeST with ``s = sample_size``, ``a = aggregators`` and ``sf = success_fraction``.
 
   ``views`` is ``'global'`` or ``'local'`` (per-node views, see the module
@@ -252,8 +252,9 @@ def modest(learner: Learner, *, nodes: int, sample_size: int, aggregators: int =
   membership (joins and graceful leaves); online status comes from
   ``state.available``. ``node_rows`` is where trained models are kept between rounds
   (see "Memory" in the module docstring): ``'in_flight'``, the last round's ``s``
-  (what experiments build), or ``'all'``, a row per node, indexed by node id (the
-  layout before issue 16; the same metrics bitwise).
+  (the default), or ``'all'``, a row per node, indexed by node id (the layout before
+  issue 16, kept as the reference its equivalence test compares against; the same
+  metrics bitwise).
   """
   s, a = sample_size, aggregators
   if not 1 <= s <= nodes:
@@ -295,6 +296,14 @@ def trained_models(settings: ModestSettings, state: SimState) -> tuple[Stacked, 
   if settings.all_rows:
     return rows_of(state.nodes.params, ids)
   return state.nodes.params, ids < settings.nodes
+
+
+def models_held(settings: ModestSettings, state: SimState, ids: jax.Array) -> Stacked:
+  """The models that last round's participants ``ids [k]`` trained (leaves ``[k, ...]``),
+  looked up by node id in either layout; every id must be a participant."""
+  if not settings.all_rows:
+    ids = jnp.argmax(state.extra.participants[None, :] == ids[:, None], axis=1)  # positions [k]
+  return jax.tree.map(lambda rows: rows[ids], state.nodes.params)
 
 
 def keep_trained(settings: ModestSettings, state: SimState, part: jax.Array,
@@ -820,8 +829,7 @@ def build(ctx: registry.BuildContext) -> Protocol:
                 reforward_timeout=c.reforward_timeout, aggregator_order=c.aggregator_order,
                 network=ctx.network, availability=ctx.availability,
                 variance_correction=ctx.variance_correction,
-                aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0],
-                node_rows='in_flight')
+                aggregate_fn=lambda models, weights: aggregator.apply(models, weights, ())[0])
 
 
 registry.register(registry.ProtocolSpec(
