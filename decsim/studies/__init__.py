@@ -13,6 +13,7 @@ STUDIES: dict[str, str] = {
     'modest': 'decsim.studies.modest:run',
     'modest_churn': 'decsim.studies.modest:run_churn',
     'variance': 'decsim.studies.variance:run',
+    'variance_small': 'decsim.studies.variance:run_small',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
     'sapo': 'decsim.studies.sapo:run',
     'epidemic': 'decsim.studies.epidemic:run',
