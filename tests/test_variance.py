@@ -4,6 +4,7 @@ repairs, and its targets under D-PSGD mixing and FedAvg aggregation."""
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +227,10 @@ def test_study_summary_and_plots_read_seconds_and_node_steps(tmp_path, monkeypat
   the nodes' own accuracy from the rows and draws both figures (fake rows, no training)."""
   from decsim import report
 
+  seen = {}
+
   def fake_run(c, out_dir, log):
+    seen[out_dir.name] = c
     rows = _fake_rows(c.protocol)
     out_dir.mkdir(parents=True)
     (out_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
@@ -249,6 +253,19 @@ def test_study_summary_and_plots_read_seconds_and_node_steps(tmp_path, monkeypat
   assert runs['fedavg']['consensus_rounds_to_0.6'] is None
   for name in ('variance_accuracy.png', 'variance_layers.png'):
     assert (tmp_path / name).stat().st_size > 1000
+  # variance_clock: gossip +- VC waking once per FedAvg round (12.5 s / 50 rounds), with the
+  # tick the same fraction of the period, added beside the five.
+  monkeypatch.setattr(study, 'plot', lambda out_dir, labels: seen.setdefault('plotted', labels))
+  study.run_clock(tmp_path)
+  assert seen['plotted'] == list(study.LABELS) + ['gossip_fedavg_clock', 'gossip_vc_fedavg_clock']
+  saved = json.loads((tmp_path / 'study.json').read_text())
+  assert tuple(saved['runs']) == study.LABELS + ('gossip_fedavg_clock', 'gossip_vc_fedavg_clock')
+  for label in ('gossip', 'gossip_vc'):
+    c, before = seen[f'{label}_fedavg_clock'], seen[label]
+    assert c.gossip_period_seconds == pytest.approx(0.25)
+    assert c.gossip_period_seconds / c.tick_seconds == pytest.approx(
+        before.gossip_period_seconds / before.tick_seconds)
+    assert c.variance_correction == before.variance_correction
 
 
 def test_node_steps_axis_accumulates_the_rows_counts(tmp_path):
@@ -257,3 +274,17 @@ def test_node_steps_axis_accumulates_the_rows_counts(tmp_path):
   assert plotting.x_values(rows, 'node_steps') == [10, 20, 30, 40, 50, 60]
   assert plotting.x_values(rows, 'seconds') == [0.0, 2.5, 5.0, 7.5, 10.0, 12.5]
   assert [r['node_steps_total'] for r in study.with_node_steps(rows)] == [10, 20, 30, 40, 50, 60]
+
+
+@pytest.mark.parametrize('preset,scale', [('variance_gossip', 'paper'),
+                                          ('variance_small_gossip', 'small')])
+def test_variance_presets_are_the_studys_gossip_vc_label(preset, scale):
+  from launch import simulate
+  path = pathlib.Path(simulate.__file__).parent / 'presets' / f'{preset}.flags'
+  simulate.FLAGS.unparse_flags()
+  try:
+    simulate.FLAGS(['prog', f'--flagfile={path}'])
+    config = simulate.config_from_flags()
+  finally:
+    simulate.FLAGS.unparse_flags()
+  assert config == study.configs(dataset='mnist1d', scale=scale)['gossip_vc']

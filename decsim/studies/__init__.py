@@ -14,6 +14,7 @@ STUDIES: dict[str, str] = {
     'modest_churn': 'decsim.studies.modest:run_churn',
     'variance': 'decsim.studies.variance:run',
     'variance_small': 'decsim.studies.variance:run_small',
+    'variance_clock': 'decsim.studies.variance:run_clock',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
     'sapo': 'decsim.studies.sapo:run',
     'epidemic': 'decsim.studies.epidemic:run',

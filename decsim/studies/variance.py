@@ -26,9 +26,12 @@ Writes ``study.json``, one run directory per label, ``variance_accuracy.png`` (a
 against simulated seconds and node-steps) and ``variance_layers.png`` (per-layer variance /
 Xavier variance over simulated seconds).
 
-``variance_small`` is the same protocols on fewer nodes and a coarser tick (``SCALES``), sized
-for a shared 2-core CPU; ``variance_sweep`` runs gossip with and without the correction over
-``PAPER_DEGREES`` at 100 nodes and over N = 50..1000 at degree 8.
+``variance_small`` is the same protocols on fewer nodes and a coarser tick (``SCALES``),
+sized for a shared 2-core CPU. ``variance_clock`` (after either, into the same directory)
+adds gossip and gossip+VC with the wake-up period set to FedAvg's mean round, so that
+simulated seconds compare the protocols rather than DFL2's 10 s period with a FedAvg round.
+``variance_sweep`` runs gossip with and without the correction over ``PAPER_DEGREES`` at 100
+nodes and over N = 50..1000 at degree 8.
 """
 
 import dataclasses
@@ -175,17 +178,22 @@ COLUMNS = ('final_accuracy', 'periods_to_target', 'seconds_to_target', 'node_ste
 def run(out_dir: pathlib.Path, quick: bool = False, dataset: str | None = None,
         labels: tuple[str, ...] | None = None, scale: str = 'paper') -> dict:
   dataset = dataset or default_dataset()
-  print(f'[variance] dataset {dataset}, scale {"quick" if quick else scale}', flush=True)
-  runs = {}
-  for label, c in configs(quick, dataset, scale).items():
-    if labels and label not in labels:
-      continue
+  scale = 'quick' if quick else scale
+  print(f'[variance] dataset {dataset}, scale {scale}', flush=True)
+  chosen = {k: c for k, c in configs(quick, dataset, scale).items() if not labels or k in labels}
+  return _run_and_write(out_dir, chosen, {}, dataset, scale)
+
+
+def _run_and_write(out_dir: pathlib.Path, chosen: dict[str, ExperimentConfig], runs: dict,
+                   dataset: str, scale: str) -> dict:
+  """Runs ``chosen`` beside the summaries in ``runs``; writes study.json and the plots."""
+  for label, c in chosen.items():
     print(f'[variance] {label}: {c.protocol} on {c.dataset}, {c.nodes} nodes, degree {c.degree}, '
           f'{c.rounds} {"ticks" if c.protocol == "gossip" else "rounds"}', flush=True)
     runs[label] = run_one(c, out_dir / label)
   path = write_study(out_dir, 'variance', runs, columns=COLUMNS)
   study = json.loads(path.read_text())
-  study.update(dataset=dataset, scale='quick' if quick else scale)
+  study.update(dataset=dataset, scale=scale)
   path.write_text(json.dumps(study, indent=2) + '\n')
   plot(out_dir, list(runs))
   return runs
@@ -194,6 +202,34 @@ def run(out_dir: pathlib.Path, quick: bool = False, dataset: str | None = None,
 def run_small(out_dir: pathlib.Path, quick: bool = False) -> dict:
   """``variance`` at the 'small' scale (32 nodes, 5 ticks a period)."""
   return run(out_dir, quick=quick, scale='small')
+
+
+def clock_configs(cs: dict[str, ExperimentConfig], round_seconds: float,
+                  periods: int) -> dict[str, ExperimentConfig]:
+  """``gossip`` and ``gossip_vc`` waking once per FedAvg round on average (the period is
+  FedAvg's mean round in simulated seconds), as many ticks a period as before, ``periods``
+  periods: labels ``<label>_fedavg_clock``."""
+  out = {}
+  for label in ('gossip', 'gossip_vc'):
+    c = cs[label]
+    ticks_per_period = round(c.gossip_period_seconds / c.tick_seconds)
+    out[f'{label}_fedavg_clock'] = dataclasses.replace(
+        c, gossip_period_seconds=round_seconds, tick_seconds=round_seconds / ticks_per_period,
+        rounds=periods * ticks_per_period)
+  return out
+
+
+def run_clock(out_dir: pathlib.Path, quick: bool = False) -> dict:
+  """After ``variance`` or ``variance_small`` into the same ``out_dir``: gossip with and
+  without correction on FedAvg's clock (``clock_configs``), for 2/3 of the study's periods;
+  adds them to study.json and the plots."""
+  study = json.loads((out_dir / 'study.json').read_text())
+  runs, fedavg = study['runs'], study['runs']['fedavg']
+  round_seconds = fedavg['sim_seconds'] / fedavg['rounds']
+  cs = configs(quick, study['dataset'], study['scale'])
+  chosen = clock_configs(cs, round_seconds, 2 * SCALES[study['scale']].periods // 3)
+  print(f'[variance_clock] gossip period = FedAvg mean round = {round_seconds:.3f} s', flush=True)
+  return _run_and_write(out_dir, chosen, runs, study['dataset'], study['scale'])
 
 
 def plot(out_dir: pathlib.Path, labels: list[str]) -> list[pathlib.Path]:
