@@ -192,9 +192,12 @@ def test_study_runs_the_five_labels_on_random_regular_graphs_of_the_papers_degre
   assert (g.gossip_mode, g.gossip_buffer, g.local_steps, g.gossip_peers) == (
       'dfl2', 2, 1, 'all_neighbours')
   assert g.gossip_period_seconds / g.tick_seconds == study.SCALES[scale].ticks_per_period
-  sweep = study.sweep_configs(dataset='mnist1d')
-  assert {c.degree for c in sweep.values() if c.nodes == 100} == set(study.PAPER_DEGREES)
-  assert all(c.topology == 'kregular' and c.nodes * c.degree % 2 == 0 for c in sweep.values())
+  if scale in study.SWEEP_GRIDS:
+    sweep = study.sweep_configs(dataset='mnist1d', scale=scale)
+    nodes = study.SWEEP_GRIDS[scale][0]
+    assert {c.degree for c in sweep.values() if c.nodes == nodes} == set(study.PAPER_DEGREES)
+    assert all(c.topology == 'kregular' and c.nodes * c.degree % 2 == 0 for c in sweep.values())
+    assert all(c.gossip_mode == 'dfl2' for c in sweep.values())
 
 
 def test_study_dataset_is_mnist_only_where_tfds_has_it_prepared(monkeypatch):

@@ -16,6 +16,7 @@ STUDIES: dict[str, str] = {
     'variance_small': 'decsim.studies.variance:run_small',
     'variance_clock': 'decsim.studies.variance:run_clock',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
+    'variance_sweep_small': 'decsim.studies.variance:run_sweep_small',
     'sapo': 'decsim.studies.sapo:run',
     'epidemic': 'decsim.studies.epidemic:run',
 }

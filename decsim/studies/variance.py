@@ -31,7 +31,8 @@ sized for a shared 2-core CPU. ``variance_clock`` (after either, into the same d
 adds gossip and gossip+VC with the wake-up period set to FedAvg's mean round, so that
 simulated seconds compare the protocols rather than DFL2's 10 s period with a FedAvg round.
 ``variance_sweep`` runs gossip with and without the correction over ``PAPER_DEGREES`` at 100
-nodes and over N = 50..1000 at degree 8.
+nodes and over N = 50..1000 at degree 8; ``variance_sweep_small`` over the same degrees at 32
+nodes and N = 16, 64 at degree 8, at the 'small' scale.
 """
 
 import dataclasses
@@ -244,12 +245,20 @@ def plot(out_dir: pathlib.Path, labels: list[str]) -> list[pathlib.Path]:
           plotting.plot_layer_variance(out_dir / 'variance_layers.png', run_dirs)]
 
 
-def sweep_configs(quick: bool = False, dataset: str | None = None) -> dict[str, ExperimentConfig]:
-  """Gossip with and without correction over ``PAPER_DEGREES`` at 100 nodes and over
-  ``SWEEP_SIZES`` at degree 8 (``quick``: 16 nodes, degrees 4 and 8)."""
-  gossip = configs(quick, dataset)['gossip']
-  grid = ([(16, 4), (16, 8)] if quick else
-          [(100, d) for d in PAPER_DEGREES] + [(n, 8) for n in SWEEP_SIZES])
+SWEEP_GRIDS = {  # scale -> (nodes of the degree sweep, sizes at degree 8)
+    'paper': (100, SWEEP_SIZES),
+    'small': (32, (16, 64)),
+}
+
+
+def sweep_configs(quick: bool = False, dataset: str | None = None,
+                  scale: str = 'paper') -> dict[str, ExperimentConfig]:
+  """Gossip with and without correction over ``PAPER_DEGREES`` at the scale's nodes and over
+  its sizes at degree 8 (``SWEEP_GRIDS``; ``quick``: 16 nodes, degrees 4 and 8)."""
+  gossip = configs(quick, dataset, scale)['gossip']
+  nodes, sizes = SWEEP_GRIDS[scale] if not quick else (16, ())
+  degrees = (4, 8) if quick else PAPER_DEGREES
+  grid = [(nodes, d) for d in degrees] + [(n, 8) for n in sizes]
   ticks_per_period = gossip.gossip_period_seconds / gossip.tick_seconds
   out = {}
   for nodes, degree in grid:
@@ -261,11 +270,17 @@ def sweep_configs(quick: bool = False, dataset: str | None = None) -> dict[str, 
   return out
 
 
-def run_sweep(out_dir: pathlib.Path, quick: bool = False, dataset: str | None = None) -> dict:
+def run_sweep(out_dir: pathlib.Path, quick: bool = False, dataset: str | None = None,
+              scale: str = 'paper') -> dict:
   runs = {}
-  for label, c in sweep_configs(quick, dataset).items():
+  for label, c in sweep_configs(quick, dataset, scale).items():
     print(f'[variance_sweep] {label} on {c.dataset}', flush=True)
     runs[label] = run_one(c, out_dir / label)
   write_study(out_dir, 'variance_sweep', runs,
               columns=('final_accuracy', 'periods_to_target', 'seconds_to_target', 'wall_seconds'))
   return runs
+
+
+def run_sweep_small(out_dir: pathlib.Path, quick: bool = False) -> dict:
+  """The sweep at the 'small' scale: 32 nodes over ``PAPER_DEGREES``, 16 and 64 at degree 8."""
+  return run_sweep(out_dir, quick=quick, scale='small')
