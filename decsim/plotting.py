@@ -145,15 +145,15 @@ def plot_metric_grid(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
                      target: float | None = None, log_x: tuple[str, ...] = ()) -> pathlib.Path:
   """One panel per (metric, x axis): row ``i`` is ``metrics``' i-th key (titled with its
   value), column ``j`` the j-th of ``x_axes``. A run whose rows lack a metric is left out
-  of that row's panels (FedAvg has no node-average model)."""
+  of that row's panels (FedAvg has no node-average model); a run keeps its colour in all."""
   fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5 * len(x_axes), 3.4 * len(metrics)),
                            squeeze=False)
   for i, (metric, title) in enumerate(metrics.items()):
-    for label, run_dir in run_dirs.items():
+    for k, (label, run_dir) in enumerate(run_dirs.items()):
       rows = [r for r in read_metrics(run_dir) if r.get(metric) is not None]
       for ax, x in zip(axes[i], x_axes):
         if rows:
-          _draw_run(ax, rows, metric, x, label, marker='.', ms=3)
+          _draw_run(ax, rows, metric, x, label, marker='.', ms=3, color=f'C{k % 10}')
     for ax, x in zip(axes[i], x_axes):
       _finish_axis(ax, x, 'test accuracy', target, paper=False)
       ax.set_title(title, fontsize=9)
