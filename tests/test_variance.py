@@ -200,6 +200,11 @@ def test_study_runs_the_five_labels_on_random_regular_graphs_of_the_papers_degre
     assert all(c.gossip_mode == 'dfl2' for c in sweep.values())
 
 
+def test_unknown_study_scale_is_a_config_error_naming_the_scales():
+  with pytest.raises(experiment.ConfigError, match='paper, small, quick'):
+    study.configs(dataset='mnist1d', scale='huge')
+
+
 def test_study_dataset_is_mnist_only_where_tfds_has_it_prepared(monkeypatch):
   from decsim.data import sources
   def unprepared(name, **_):

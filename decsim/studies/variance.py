@@ -42,6 +42,7 @@ import pathlib
 from typing import Any
 
 from decsim import experiment
+from decsim.errors import ConfigError
 from decsim.experiment import ExperimentConfig
 from decsim.studies.common import write_study
 
@@ -118,6 +119,8 @@ def configs(quick: bool = False, dataset: str | None = None,
             scale: str = 'paper') -> dict[str, ExperimentConfig]:
   """The five labels of the study at ``scale`` (``quick`` overrides it with 'quick');
   ``dataset`` None picks ``default_dataset()``."""
+  if scale not in SCALES:
+    raise ConfigError(f'unknown variance study scale {scale!r}: choose one of {", ".join(SCALES)}')
   size = SCALES['quick' if quick else scale]
   base = base_config(size, dataset or default_dataset())
   gossip = gossip_config(base, size)
