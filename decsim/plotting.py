@@ -6,7 +6,10 @@ drawn as the mean over replicas with a 95% Student-t confidence band, and its
 legend entry says so. ``style='paper'`` sizes a figure for one column of a
 two-column paper (3.3 in wide per panel), with markers, a labelled target line
 and sparse log-axis ticks. ``plot_accuracy`` draws one run's accuracy and, for
-protocols whose nodes hold their own models, the spread over nodes.
+protocols whose nodes hold their own models, the spread over nodes. ``plot_metric_grid``
+puts several metrics (rows) against several x axes (columns); ``plot_layer_variance`` draws
+each layer's weight variance over its Xavier variance (the vanishing-variance study, Tian
+et al. 2024).
 """
 
 import json
@@ -135,3 +138,60 @@ def _draw_spread(ax, rows: list[dict]) -> None:
                   label='nodes: p10-median')
   ax.plot(rounds, [r['consensus_accuracy'] for r in rows], ls='--', color='C1',
           label='node-average model')
+
+
+def plot_metric_grid(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
+                     metrics: dict[str, str], x_axes: tuple[str, ...] = ('seconds', 'node_steps'),
+                     target: float | None = None, log_x: tuple[str, ...] = ()) -> pathlib.Path:
+  """One panel per (metric, x axis): row ``i`` is ``metrics``' i-th key (titled with its
+  value), column ``j`` the j-th of ``x_axes``. A run whose rows lack a metric is left out
+  of that row's panels (FedAvg has no node-average model); a run keeps its colour in all."""
+  fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5 * len(x_axes), 3.4 * len(metrics)),
+                           squeeze=False)
+  for i, (metric, title) in enumerate(metrics.items()):
+    for k, (label, run_dir) in enumerate(run_dirs.items()):
+      rows = [r for r in read_metrics(run_dir) if r.get(metric) is not None]
+      for ax, x in zip(axes[i], x_axes):
+        if rows:
+          _draw_run(ax, rows, metric, x, label, marker='.', ms=3, color=f'C{k % 10}')
+    for ax, x in zip(axes[i], x_axes):
+      _finish_axis(ax, x, 'test accuracy', target, paper=False)
+      ax.set_title(title, fontsize=9)
+      if x in log_x:
+        ax.set_xscale('log')
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def plot_layer_variance(path: pathlib.Path, run_dirs: dict[str, pathlib.Path],
+                        x: str = 'seconds') -> pathlib.Path:
+  """Each layer's weight variance / Xavier variance (rows' ``weight_variance/<layer>`` over
+  ``xavier_variance/<layer>``) against ``x``, one log-log panel per layer."""
+  data = {label: read_metrics(d) for label, d in run_dirs.items()}
+  layers = sorted({k.split('/', 1)[1] for rows in data.values() for k in (rows[0] if rows else {})
+                   if k.startswith('weight_variance/')})
+  cols = min(3, max(1, len(layers)))
+  nrows = max(1, (len(layers) + cols - 1) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+  axes = axes.ravel()
+  for label, rows in data.items():
+    xs = x_values(rows, x)
+    for ax, layer in zip(axes, layers):
+      ax.plot(xs, [r[f'weight_variance/{layer}'] / r[f'xavier_variance/{layer}'] for r in rows],
+              label=label)
+  for ax, layer in zip(axes, layers):
+    ax.set(title=layer, xlabel=X_AXES[x][1], ylabel='variance / Xavier', xscale='log',
+           yscale='log')
+    ax.axhline(1.0, color='gray', lw=0.8, ls=':')
+    ax.grid(alpha=0.3)
+  if layers:
+    axes[0].legend(fontsize=7)
+  for ax in axes[len(layers):]:
+    ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

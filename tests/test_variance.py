@@ -3,6 +3,8 @@ no-op on identical models, biases and normalisation left alone, the 1/k shrinkag
 repairs, and its targets under D-PSGD mixing and FedAvg aggregation."""
 
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from flax import linen as nn
 from decsim import experiment, metrics, mixing
 from decsim.models import build_model
 from decsim.protocols.base import broadcast
+from decsim.studies import variance as study
 from decsim.topology import build_topology
 
 # Jitted once per configuration: eager dispatch of the many small ops is the slow part.
@@ -169,3 +172,127 @@ def test_dfl2_targets_exclude_the_own_model():
                                                           0.25 * 2.0 + 0.75 * 1.0])
   np.testing.assert_allclose(target('follow_beta', 0.0), target('received'))
   np.testing.assert_allclose(target('self'), [1.0, 5.0])
+
+
+# --- the `variance` study's setting and plots (issue 14 item 5); no training here.
+
+
+@pytest.mark.parametrize('scale', sorted(study.SCALES))
+def test_study_runs_the_five_labels_on_random_regular_graphs_of_the_papers_degrees(scale):
+  cs = study.configs(dataset='mnist1d', scale=scale)
+  assert tuple(cs) == study.LABELS == ('gossip', 'gossip_vc', 'dpsgd', 'dpsgd_vc', 'fedavg')
+  for c in cs.values():
+    assert (c.topology, c.model, c.partition, c.alpha, c.dataset) == (
+        'kregular', 'lenet', 'dirichlet', 0.5, 'mnist1d')
+    assert c.degree in study.PAPER_DEGREES
+  assert [cs[k].protocol for k in study.LABELS] == ['gossip', 'gossip', 'dpsgd', 'dpsgd', 'fedavg']
+  assert [cs[k].variance_correction for k in study.LABELS] == [
+      'none', 'received', 'none', 'received', 'none']
+  g = cs['gossip_vc']  # DFL2's semantics: one batch a wake-up, buffer 2, all neighbours
+  assert (g.gossip_mode, g.gossip_buffer, g.local_steps, g.gossip_peers) == (
+      'dfl2', 2, 1, 'all_neighbours')
+  assert g.gossip_period_seconds / g.tick_seconds == study.SCALES[scale].ticks_per_period
+  if scale in study.SWEEP_GRIDS:
+    sweep = study.sweep_configs(dataset='mnist1d', scale=scale)
+    nodes = study.SWEEP_GRIDS[scale][0]
+    assert {c.degree for c in sweep.values() if c.nodes == nodes} == set(study.PAPER_DEGREES)
+    assert all(c.topology == 'kregular' and c.nodes * c.degree % 2 == 0 for c in sweep.values())
+    assert all(c.gossip_mode == 'dfl2' for c in sweep.values())
+
+
+def test_unknown_study_scale_is_a_config_error_naming_the_scales():
+  with pytest.raises(experiment.ConfigError, match='paper, small, quick'):
+    study.configs(dataset='mnist1d', scale='huge')
+
+
+def test_study_dataset_is_mnist_only_where_tfds_has_it_prepared(monkeypatch):
+  from decsim.data import sources
+  def unprepared(name, **_):
+    raise sources.DataError(f'{name} is not prepared')
+  monkeypatch.setattr(sources, 'load_dataset', unprepared)
+  assert study.default_dataset() == 'mnist1d'
+  assert study.configs()['gossip'].dataset == 'mnist1d'
+  monkeypatch.setattr(sources, 'load_dataset', lambda name, **_: name)
+  assert study.default_dataset() == 'mnist'
+  assert {c.dataset for c in study.configs().values()} == {'mnist'}
+
+
+def _fake_rows(label: str, n: int = 6) -> list[dict]:
+  """Rows shaped like a run's: accuracy rising by 0.15 a row, 10 node-steps a row."""
+  rows = []
+  for i in range(n):
+    row = {'round': 10 * i, 'sim_seconds': 2.5 * i, 'bytes_total': 100 * i, 'node_steps': 10,
+           'accuracy': 0.1 + 0.15 * i,
+           'weight_variance/Dense_0/kernel': 0.5 ** i, 'xavier_variance/Dense_0/kernel': 0.25}
+    if label != 'fedavg':
+      row['consensus_accuracy'] = 0.1 + 0.1 * i
+    rows.append(row)
+  return rows
+
+
+def test_study_summary_and_plots_read_seconds_and_node_steps(tmp_path, monkeypatch):
+  """`run` names the dataset in study.json, counts node-steps and seconds to the target on
+  the nodes' own accuracy from the rows and draws both figures (fake rows, no training)."""
+  from decsim import report
+
+  seen = {}
+
+  def fake_run(c, out_dir, log):
+    seen[out_dir.name] = c
+    rows = _fake_rows(c.protocol)
+    out_dir.mkdir(parents=True)
+    (out_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return report.network_summary(rows, c.target_accuracy)
+
+  monkeypatch.setattr(study.experiment, 'run', fake_run)
+  runs = study.run(tmp_path, dataset='mnist1d', scale='quick')
+  saved = json.loads((tmp_path / 'study.json').read_text())
+  assert (saved['dataset'], saved['scale'], tuple(saved['runs'])) == ('mnist1d', 'quick', study.LABELS)
+  # Own accuracy 0.1, 0.25, 0.4, 0.55, 0.7: the target 0.6 is first met in the 5th row
+  # (second 10), after 5 rows of 10 node-steps; the node-average model (0.1 a row) at 0.5
+  # in the 5th row, 0.6 in the 6th.
+  for label in ('gossip', 'dpsgd_vc', 'fedavg'):
+    assert runs[label]['seconds_to_target'] == 10.0
+    assert runs[label]['node_steps_to_target'] == 50
+    assert runs[label]['seconds_to_0.5'] == 7.5
+    assert runs[label]['variance_ratio_final'] == {'Dense_0/kernel': pytest.approx(0.5 ** 5 / 0.25)}
+  assert runs['gossip']['periods_to_target'] == 40 / study.SCALES['quick'].ticks_per_period
+  assert runs['gossip']['consensus_rounds_to_0.6'] == 50
+  assert runs['fedavg']['consensus_rounds_to_0.6'] is None
+  for name in ('variance_accuracy.png', 'variance_layers.png'):
+    assert (tmp_path / name).stat().st_size > 1000
+  # variance_clock: gossip +- VC waking once per FedAvg round (12.5 s / 50 rounds), with the
+  # tick the same fraction of the period, added beside the five.
+  monkeypatch.setattr(study, 'plot', lambda out_dir, labels: seen.setdefault('plotted', labels))
+  study.run_clock(tmp_path)
+  assert seen['plotted'] == list(study.LABELS) + ['gossip_fedavg_clock', 'gossip_vc_fedavg_clock']
+  saved = json.loads((tmp_path / 'study.json').read_text())
+  assert tuple(saved['runs']) == study.LABELS + ('gossip_fedavg_clock', 'gossip_vc_fedavg_clock')
+  for label in ('gossip', 'gossip_vc'):
+    c, before = seen[f'{label}_fedavg_clock'], seen[label]
+    assert c.gossip_period_seconds == pytest.approx(0.25)
+    assert c.gossip_period_seconds / c.tick_seconds == pytest.approx(
+        before.gossip_period_seconds / before.tick_seconds)
+    assert c.variance_correction == before.variance_correction
+
+
+def test_node_steps_axis_accumulates_the_rows_counts(tmp_path):
+  from decsim import plotting
+  rows = _fake_rows('gossip')
+  assert plotting.x_values(rows, 'node_steps') == [10, 20, 30, 40, 50, 60]
+  assert plotting.x_values(rows, 'seconds') == [0.0, 2.5, 5.0, 7.5, 10.0, 12.5]
+  assert [r['node_steps_total'] for r in study.with_node_steps(rows)] == [10, 20, 30, 40, 50, 60]
+
+
+@pytest.mark.parametrize('preset,scale', [('variance_gossip', 'paper'),
+                                          ('variance_small_gossip', 'small')])
+def test_variance_presets_are_the_studys_gossip_vc_label(preset, scale):
+  from launch import simulate
+  path = pathlib.Path(simulate.__file__).parent / 'presets' / f'{preset}.flags'
+  simulate.FLAGS.unparse_flags()
+  try:
+    simulate.FLAGS(['prog', f'--flagfile={path}'])
+    config = simulate.config_from_flags()
+  finally:
+    simulate.FLAGS.unparse_flags()
+  assert config == study.configs(dataset='mnist1d', scale=scale)['gossip_vc']

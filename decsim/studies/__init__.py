@@ -14,7 +14,10 @@ STUDIES: dict[str, str] = {
     'modest_churn': 'decsim.studies.modest:run_churn',
     'modest_population': 'decsim.studies.modest_population:run',
     'variance': 'decsim.studies.variance:run',
+    'variance_small': 'decsim.studies.variance:run_small',
+    'variance_clock': 'decsim.studies.variance:run_clock',
     'variance_sweep': 'decsim.studies.variance:run_sweep',
+    'variance_sweep_small': 'decsim.studies.variance:run_sweep_small',
     'sapo': 'decsim.studies.sapo:run',
     'epidemic': 'decsim.studies.epidemic:run',
 }
