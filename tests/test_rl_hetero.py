@@ -66,6 +66,7 @@ def test_one_group_is_the_homogeneous_swarm_bitwise(j, kw):
     assert any(float(m.external_groups) > 0 for m in metrics)  # the draws were exercised
 
 
+@pytest.mark.slow
 def test_a_node_trains_on_the_text_another_group_shared():
   small, large = _policy(16), _policy(32)  # two sizes, 2 nodes each
   groups = (hetero.Group(small, 2), hetero.Group(large, 2))

@@ -88,10 +88,10 @@ class SapoRunConfig(Component):
   policy_path: str | None = option(None, 'qwen2: a Hugging Face checkpoint directory downloaded once '
                             '(config.json, *.safetensors, tokenizer.json; nothing is fetched); '
                             "needs pip install -e '.[lm]'.")
-  policy_groups: str | None = option(None, 'A heterogeneous swarm: groups COUNT:small (--dim x --layers), '
-                              'COUNT:small:DIMxLAYERS or COUNT:qwen2 (--policy_path), comma-'
-                              'separated, adding up to --nodes, e.g. 4:small:48x2,4:small:96x2; '
-                              'they share rollouts as text (unset: --policy on every node).')
+  policy_groups: str | None = option(
+      None, 'A heterogeneous swarm: groups COUNT:small (--dim x --layers), COUNT:small:DIMxLAYERS '
+      'or COUNT:qwen2 (--policy_path), comma-separated, adding up to --nodes, e.g. '
+      '4:small:48x2,4:small:96x2; they share rollouts as text (unset: --policy on every node).')
   lm_precision: str = option('float32', 'qwen2: float32, bfloat16 (parameters and compute) or '
                              'bfloat16_master (float32 master parameters, bfloat16 compute).',
                              choices=qwen2.PRECISIONS)
@@ -155,7 +155,7 @@ class GroupSpec(NamedTuple):
 
 
 def policy_groups(c: SapoRunConfig) -> tuple[GroupSpec, ...]:
-  """The groups of ``--policy_groups`` (one group of ``--policy`` when it is empty), checked."""
+  """The groups of ``--policy_groups`` (unset: one group of ``--policy``), checked."""
   if not c.policy_groups:
     return (GroupSpec(c.nodes, c.policy, c.dim, c.layers),)
   flag = f'--policy_groups={c.policy_groups}'

@@ -224,7 +224,8 @@ def training_batch(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, 
 
 def draw_external(config: SapoConfig, key: PRNGKey, r: jax.Array,
                   shared: Pool) -> tuple[jax.Array, jax.Array]:
-  """Round r's draws of every node: ``idx [N, J]`` into the flat pool ``[N*I]``, ``valid [N, J]``."""
+  """Round r's draws of every node: ``idx [N, J]`` into the flat pool ``[N*I]``, and
+  ``valid [N, J]``."""
   return select_external(rng.round_key(key, r, rng.Stream.SAMPLE), shared.rewards,
                          shared.online, config.external_groups, config.filter)
 
