@@ -11,7 +11,7 @@ interrupts); ``sapo_report`` makes its rows, one per round, and its summary.
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -88,6 +88,10 @@ class SapoRunConfig(Component):
   policy_path: str | None = option(None, 'qwen2: a Hugging Face checkpoint directory downloaded once '
                             '(config.json, *.safetensors, tokenizer.json; nothing is fetched); '
                             "needs pip install -e '.[lm]'.")
+  policy_groups: str | None = option(
+      None, 'A heterogeneous swarm: groups COUNT:small (--dim x --layers), COUNT:small:DIMxLAYERS '
+      'or COUNT:qwen2 (--policy_path), comma-separated, adding up to --nodes, e.g. '
+      '4:small:48x2,4:small:96x2; they share rollouts as text (unset: --policy on every node).')
   lm_precision: str = option('float32', 'qwen2: float32, bfloat16 (parameters and compute) or '
                              'bfloat16_master (float32 master parameters, bfloat16 compute).',
                              choices=qwen2.PRECISIONS)
@@ -132,11 +136,51 @@ class SapoRunConfig(Component):
     check(self.warmup_kinds <= len(names),
           f'--warmup_kinds={self.warmup_kinds}: use 0 (all kinds) to {len(names)}')
     task_mix(self)
-    if self.policy == 'qwen2':
-      check(self.policy_path is not None, '--policy=qwen2 needs --policy_path=DIR, a Hugging Face '
+    kinds = {g.kind for g in policy_groups(self)} if self.policy_groups else {self.policy}
+    if 'qwen2' in kinds:
+      which = '--policy_groups with qwen2' if self.policy_groups else '--policy=qwen2'
+      check(self.policy_path is not None, f'{which} needs --policy_path=DIR, a Hugging Face '
             'Qwen2 checkpoint directory (config.json, *.safetensors, tokenizer.json)')
       from decsim.rl import hf_checkpoint
       hf_checkpoint.check_directory(self.policy_path)
+
+
+class GroupSpec(NamedTuple):
+  """One group of ``--policy_groups``."""
+
+  nodes: int
+  kind: str  # a POLICIES name
+  dim: int
+  layers: int
+
+
+def policy_groups(c: SapoRunConfig) -> tuple[GroupSpec, ...]:
+  """The groups of ``--policy_groups`` (unset: one group of ``--policy``), checked."""
+  if not c.policy_groups:
+    return (GroupSpec(c.nodes, c.policy, c.dim, c.layers),)
+  flag = f'--policy_groups={c.policy_groups}'
+  check(c.policy == 'small', f'{flag} names each group\'s policy: leave --policy at small')
+  groups = tuple(_group(c, part, flag) for part in c.policy_groups.split(','))
+  total = sum(g.nodes for g in groups)
+  check(total == c.nodes, f'{flag}: the groups have {total} nodes but --nodes={c.nodes}; '
+        'make them add up')
+  return groups
+
+
+def _group(c: SapoRunConfig, part: str, flag: str) -> GroupSpec:
+  fields = part.strip().split(':')
+  usage = (f'{flag}: write COUNT:small, COUNT:small:DIMxLAYERS or COUNT:qwen2, comma-separated, '
+           'e.g. 4:small:48x2,4:small:96x2')
+  check(2 <= len(fields) <= 3 and fields[0].isdigit() and int(fields[0]) >= 1
+        and fields[1] in POLICIES, usage)
+  size = fields[2].split('x') if len(fields) == 3 else [str(c.dim), str(c.layers)]
+  check(fields[1] == 'small' or len(fields) == 2, f'{flag}: a qwen2 group takes its size from '
+        '--policy_path; write COUNT:qwen2')
+  check(len(size) == 2 and all(x.isdigit() and int(x) >= 1 for x in size), usage)
+  dim, layers = int(size[0]), int(size[1])
+  check(dim % 4 == 0 and dim >= 8, f'{flag}: a small policy\'s DIM must be a multiple of 4 '
+        f'heads and >= 8, not {dim}')
+  return GroupSpec(int(fields[0]), fields[1], dim, layers)
 
 
 def task_mix(c: SapoRunConfig) -> tuple[float, ...]:
@@ -154,13 +198,13 @@ def validate(c: SapoRunConfig) -> tuple[float, ...]:
 
 
 def build(c: SapoRunConfig):
-  """``(policy, sapo, warmup config)`` of a validated configuration."""
+  """``(policy, sapo, warmup config, mix, source)`` of a validated configuration; with
+  ``--policy_groups`` the policy is a tuple, one per group."""
   mix = validate(c)
   source = tasks.PROCEDURAL
   if c.task_source == 'reasoning_gym':
     from decsim.rl import reasoning_gym
     source = reasoning_gym.make_source(reasoning_gym.build_pool(size=c.pool_size, seed=c.seed))
-  policy = make_policy(c, source)
   config = sapo_lib.SapoConfig(
       nodes=c.nodes, local_groups=c.local_groups, external_groups=c.external_groups,
       generations=c.generations, completion_len=c.completion_len, temperature=c.temperature,
@@ -169,12 +213,21 @@ def build(c: SapoRunConfig):
       node_chunk=c.node_chunk)
   warmup = base_lib.WarmupConfig(steps_min=c.warmup_min, steps_max=c.warmup_max,
                                  kinds_per_node=c.warmup_kinds, init=c.base_init)
+  if c.policy_groups:
+    from decsim.rl import hetero
+    specs = policy_groups(c)
+    policies = tuple(make_policy(c, source, spec) for spec in specs)
+    groups = tuple(hetero.Group(p, spec.nodes) for p, spec in zip(policies, specs))
+    return policies, hetero.hetero_sapo(groups, config), warmup, mix, source
+  policy = make_policy(c, source)
   return policy, sapo_lib.sapo(policy, config), warmup, mix, source
 
 
-def make_policy(c: SapoRunConfig, source: tasks.TaskSource):
-  """The small policy, or the ``LMPolicy`` of the checkpoint in ``--policy_path``."""
-  if c.policy == 'qwen2':
+def make_policy(c: SapoRunConfig, source: tasks.TaskSource, spec: GroupSpec | None = None):
+  """The small policy, or the ``LMPolicy`` of the checkpoint in ``--policy_path``, of
+  ``spec`` (a group of ``--policy_groups``; default: ``--policy``, ``--dim``, ``--layers``)."""
+  spec = spec or policy_groups(c)[0]
+  if spec.kind == 'qwen2':
     from decsim.rl import hf_checkpoint, lm_policy
     alphabet = tasks.CHARS
     if c.task_source == 'reasoning_gym':
@@ -183,17 +236,26 @@ def make_policy(c: SapoRunConfig, source: tasks.TaskSource):
     checkpoint = hf_checkpoint.load(c.policy_path, c.lm_precision)
     return lm_policy.make_lm_policy(checkpoint, alphabet, c.top_p)
   return policy_lib.make_policy(policy_lib.PolicyConfig(
-      vocab=source.vocab_size, max_len=source.prompt_len + c.completion_len, dim=c.dim,
-      layers=c.layers, mlp=2 * c.dim))
+      vocab=source.vocab_size, max_len=source.prompt_len + c.completion_len, dim=spec.dim,
+      layers=spec.layers, mlp=2 * spec.dim))
 
 
 def start_params(c: SapoRunConfig, policy, warmup, mix, source, cache_dir, log):
   """The N nodes' first parameters (leaves ``[N, ...]``): the checkpoint on every node, or the
-  small policy's warmed-up base models."""
-  if c.policy == 'qwen2':
+  small policy's warmed-up base models; with ``--policy_groups`` a tuple, one per group (each
+  group's base models are warmed up as a swarm of its size)."""
+  if c.policy_groups:
+    return tuple(_group_params(c, p, spec, warmup, mix, source, cache_dir, log)
+                 for p, spec in zip(policy, policy_groups(c)))
+  return _group_params(c, policy, policy_groups(c)[0], warmup, mix, source, cache_dir, log)
+
+
+def _group_params(c: SapoRunConfig, policy, spec: GroupSpec, warmup, mix, source, cache_dir,
+                  log):
+  if spec.kind == 'qwen2':
     from decsim.rl import hf_checkpoint
-    return hf_checkpoint.stack(policy.params, c.nodes)
-  return base_lib.base_models(c.seed, c.nodes, policy, c.completion_len, warmup, mix,
+    return hf_checkpoint.stack(policy.params, spec.nodes)
+  return base_lib.base_models(c.seed, spec.nodes, policy, c.completion_len, warmup, mix,
                               cache_dir=cache_dir, source=source, log=log)
 
 
@@ -234,7 +296,8 @@ def as_protocol(sapo: sapo_lib.Sapo) -> Protocol:
 def sapo_report(c: SapoRunConfig, warmup_seconds: float) -> report_lib.Report:
   """A row per round (reward, loss, external groups, bytes shared); the paper's summary."""
   return report_lib.Report(
-      fields=functools.partial(_fields, c.iterations), rows=_rows, problem=_problem,
+      fields=functools.partial(_fields, c.iterations),
+      rows=functools.partial(_rows, _group_sizes(c)), problem=_problem,
       summarize=lambda rows: {**summarize(rows, c), 'warmup_seconds': warmup_seconds},
       line=_line)
 
@@ -247,11 +310,24 @@ def _fields(iterations: int, state: sapo_lib.SapoState, metrics: sapo_lib.SapoMe
           'metrics': metrics}
 
 
-def _rows(fields: dict[str, Any]) -> list[dict[str, Any]]:
+def _group_sizes(c: SapoRunConfig) -> tuple[int, ...]:
+  """Nodes per group of a heterogeneous swarm; () for one policy."""
+  groups = policy_groups(c)
+  return tuple(g.nodes for g in groups) if len(groups) > 1 else ()
+
+
+def _rows(group_sizes: tuple[int, ...], fields: dict[str, Any]) -> list[dict[str, Any]]:
+  """A row per round; with several policy groups also each group's mean reward."""
   m = fields['metrics']
   count = len(m.reward)
   first = int(fields['round']) - count + 1
-  return [_row(first + k, m, k) for k in range(count)]
+  rows = [_row(first + k, m, k) for k in range(count)]
+  ends = np.cumsum(group_sizes)
+  for k, row in enumerate(rows):
+    if group_sizes:  # node_reward [N] split at the groups' ends
+      parts = np.split(np.asarray(m.node_reward[k]), ends[:-1])
+      row['group_reward'] = [float(p.mean()) for p in parts]
+  return rows
 
 
 def _row(round_: int, m: sapo_lib.SapoMetrics, k: int) -> dict[str, Any]:
@@ -287,6 +363,9 @@ def summarize(rows: list[dict[str, Any]], c: SapoRunConfig) -> dict[str, Any]:
   rewards = np.asarray([r['reward'] for r in rows if r['reward'] is not None], np.float64)
   bytes_total = sum(r['bytes_shared'] for r in rows)
   tenth = max(len(rewards) // 10, 1)
+  groups = {}
+  if rows and 'group_reward' in rows[0]:  # a heterogeneous swarm: each group's sum over rounds
+    groups['group_cumulative_reward'] = np.sum([r['group_reward'] for r in rows], 0).tolist()
   return {
       'cumulative_reward': float(rewards.sum()),
       'mean_reward': float(rewards.mean()) if len(rewards) else None,
@@ -299,4 +378,5 @@ def summarize(rows: list[dict[str, Any]], c: SapoRunConfig) -> dict[str, Any]:
       'config': f'{c.local_groups}/{c.external_groups}',
       'bytes_shared_total': bytes_total,
       'bytes_shared_per_node_round': bytes_total / (c.nodes * len(rows)) if rows else 0.0,
+      **groups,
   }

@@ -31,7 +31,7 @@ import numpy as np
 
 from decsim.errors import ConfigError
 from decsim.rl import hf_checkpoint, qwen2, tasks
-from decsim.rl.policy import Rollouts
+from decsim.rl.policy import Rollouts, fit_text
 from decsim.types import Params, PRNGKey
 
 INSTRUCTION = 'Answer with the result only. '
@@ -106,6 +106,20 @@ def task_tokens(table: jax.Array, completions: jax.Array) -> jax.Array:
   return jnp.where(end, tasks.EOS, jnp.where(packed < 0, tasks.PAD, packed)).astype(jnp.int32)
 
 
+def text_table(tables: PromptTables, tok: hf_checkpoint.ChatTokenizer) -> np.ndarray:
+  """``[C]`` the model token of each task character, as in prompts; EOS: the model's EOS."""
+  table = tables.char_token.copy()
+  table[tasks.EOS] = tok.eos_ids[0]
+  return table
+
+
+def from_text(table: jax.Array, text: jax.Array, completion_len: int) -> jax.Array:
+  """Shared task text ``[..., L]`` as this model's completions ``[..., T]``: one token per
+  character (the tokenizer's own token of it; a canonical BPE merge of several characters is
+  not searched for inside the jit), cut after T characters; PAD becomes the model's padding."""
+  return table[fit_text(text, completion_len)]
+
+
 class LMPolicy(NamedTuple):
   """A Qwen2 checkpoint as a policy; ``params`` is the checkpoint's (every node starts there)."""
 
@@ -137,5 +151,6 @@ def make_lm_policy(checkpoint: hf_checkpoint.Checkpoint, alphabet: str,
   rollouts = Rollouts(sample=sample, token_logprobs=token_logprobs,
                       completion_mask=functools.partial(qwen2.completion_mask,
                                                         eos_ids=tok.eos_ids),
-                      task_tokens=functools.partial(task_tokens, answers))
+                      task_tokens=functools.partial(task_tokens, answers),
+                      from_text=functools.partial(from_text, jnp.asarray(text_table(tables, tok))))
   return LMPolicy(checkpoint.config, model, checkpoint.params, rollouts, tok)

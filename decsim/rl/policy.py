@@ -102,13 +102,15 @@ class Rollouts(NamedTuple):
   This small transformer's are ``Policy.rollouts``; a pretrained language model's
   are built by ``decsim.rl.lm_policy``. Prompts are task tokens (``tasks``);
   completions are the policy's own tokens, which ``task_tokens`` turns into task
-  tokens for the verifier.
+  tokens for the verifier, the text a heterogeneous swarm shares (``hetero``), and
+  ``from_text`` turns such text back into the policy's tokens.
   """
 
   sample: Callable  # (params, key, prompts [B, P], T, temperature) -> completions [B, T]
   token_logprobs: Callable  # (params, prompts [B, P], completions [B, T]) -> [B, T]
   completion_mask: Callable  # (completions [..., T]) -> 1.0 up to and including EOS [..., T]
   task_tokens: Callable  # (completions [..., T]) -> task tokens [..., T'] for the verifier
+  from_text: Callable  # (task tokens [..., L], T) -> completions [..., T]: shared text re-encoded
 
 
 class Policy(NamedTuple):
@@ -124,7 +126,7 @@ class Policy(NamedTuple):
   def rollouts(self) -> Rollouts:
     """Its completions are task tokens already."""
     return Rollouts(functools.partial(sample, self), functools.partial(token_logprobs, self),
-                    completion_mask, lambda completions: completions)
+                    completion_mask, lambda completions: completions, fit_text)
 
 
 def make_policy(config: PolicyConfig = PolicyConfig()) -> Policy:
@@ -178,6 +180,14 @@ def sample(policy: Policy, params: Params, key: PRNGKey, prompts: jax.Array, com
   init = (prompts[:, 0], policy.init_cache(batch), jnp.zeros((batch,), bool))
   _, out = jax.lax.scan(step, init, jnp.arange(total - 1))  # out [total-1, B]
   return out[p - 1:].T  # [B, T]
+
+
+def fit_text(text: jax.Array, completion_len: int) -> jax.Array:
+  """Task text ``[..., L]`` as ``[..., T]`` completions of this policy (its tokens are task
+  tokens): cut after T characters, or padded with PAD."""
+  cut = text[..., :completion_len]
+  extra = completion_len - cut.shape[-1]
+  return jnp.pad(cut, [(0, 0)] * (cut.ndim - 1) + [(0, extra)], constant_values=tasks.PAD)
 
 
 def completion_mask(completions: jax.Array) -> jax.Array:

@@ -176,10 +176,12 @@ def questions(source: tasks.TaskSource, shape: tuple[int, ...], mix: tuple[float
 
 
 def share(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, r: jax.Array,
-          params: Stacked, online: jax.Array) -> Pool:
-  """Every node's I questions and G completions each, scored by the source's verifier."""
+          params: Stacked, online: jax.Array, first_node: int = 0) -> Pool:
+  """Every node's I questions and G completions each, scored by the source's verifier.
+
+  The ``config.nodes`` nodes are swarm nodes ``first_node, first_node + 1, ...`` (their keys)."""
   n, i, source = config.nodes, config.local_groups, config.source
-  node_ids = jnp.arange(n)
+  node_ids = first_node + jnp.arange(n)
   qkeys = rng.node_keys(key, r, node_ids, rng.Stream.TASK)
   q = jax.vmap(functools.partial(questions, source, (i,), config.task_mix))(qkeys)  # [N, I, ...]
   skeys = rng.node_keys(key, r, node_ids, rng.Stream.ROLLOUT)
@@ -213,21 +215,38 @@ def training_batch(policy: policy_lib.Policy, config: SapoConfig, key: PRNGKey, 
   """Each node's I own groups plus J groups drawn from others' in ``shared``, re-scored
   with its verifier. Returns (the GRPO batch, leaves [N, I+J, ...], valid [N, J])."""
   n, i, j = config.nodes, config.local_groups, config.external_groups
-  q, completions, rewards = pool.questions, pool.completions, pool.rewards
   if j == 0:
-    return grpo_lib.Batch(q.prompt, completions, rewards, jnp.ones((n, i))), jnp.zeros((n, 0), bool)
-  idx, valid = select_external(rng.round_key(key, r, rng.Stream.SAMPLE), shared.rewards,
-                               shared.online, j, config.filter)  # [N, J]
-  flat = lambda x: x.reshape(n * i, *x.shape[2:])[idx]  # [N, J, ...]
+    return grpo_lib.Batch(pool.questions.prompt, pool.completions, pool.rewards,
+                          jnp.ones((n, i))), jnp.zeros((n, 0), bool)
+  idx, valid = draw_external(config, key, r, shared)  # [N, J]
+  return external_batch(policy, config.source, pool, shared, idx, valid), valid
+
+
+def draw_external(config: SapoConfig, key: PRNGKey, r: jax.Array,
+                  shared: Pool) -> tuple[jax.Array, jax.Array]:
+  """Round r's draws of every node: ``idx [N, J]`` into the flat pool ``[N*I]``, and
+  ``valid [N, J]``."""
+  return select_external(rng.round_key(key, r, rng.Stream.SAMPLE), shared.rewards,
+                         shared.online, config.external_groups, config.filter)
+
+
+def external_batch(policy: policy_lib.Policy, source: tasks.TaskSource, pool: Pool, shared: Pool,
+                   idx: jax.Array, valid: jax.Array,
+                   encode=lambda completions: completions) -> grpo_lib.Batch:
+  """The GRPO batch of the nodes of ``pool`` (leaves ``[n, I, ...]``): their own groups and the
+  groups ``idx [n, J]`` of ``shared`` (leaves ``[N, I, ...]``), whose completions ``encode``
+  turns into the policy's tokens, re-scored with the verifier on what the policy trains on."""
+  q, completions, rewards = pool.questions, pool.completions, pool.rewards
+  flat = lambda x: x.reshape(-1, *x.shape[2:])[idx]  # [n, J, ...]
   ext_q = jax.tree.map(flat, shared.questions)
-  ext_completions = flat(shared.completions)
-  ext_rewards = config.source.score(policy.rollouts.task_tokens(ext_completions), ext_q)
-  batch = grpo_lib.Batch(
-      prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [N, I+J, P]
-      completions=jnp.concatenate([completions, ext_completions], 1),  # [N, I+J, G, T]
-      rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [N, I+J, G]
-      weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [N, I+J]
-  return batch, valid
+  ext_completions = encode(flat(shared.completions))  # [n, J, G, T]
+  ext_rewards = source.score(policy.rollouts.task_tokens(ext_completions), ext_q)  # [n, J, G]
+  n, i = rewards.shape[:2]
+  return grpo_lib.Batch(
+      prompts=jnp.concatenate([q.prompt, ext_q.prompt], 1),  # [n, I+J, P]
+      completions=jnp.concatenate([completions, ext_completions], 1),  # [n, I+J, G, T]
+      rewards=jnp.concatenate([rewards, ext_rewards], 1),  # [n, I+J, G]
+      weight=jnp.concatenate([jnp.ones((n, i)), valid.astype(jnp.float32)], 1))  # [n, I+J]
 
 
 def train_node(update, use_ref: bool, params: Any, opt_state: Any, batch: grpo_lib.Batch,
@@ -255,26 +274,32 @@ def sapo_metrics(rewards: jax.Array, online: jax.Array, batch: grpo_lib.Batch, v
       active_nodes=online.sum().astype(jnp.int32))
 
 
+def train_nodes(update, config: SapoConfig, online: jax.Array, nodes: NodeState,
+                batch: grpo_lib.Batch, ref_params: Any) -> tuple[NodeState, jax.Array]:
+  """One GRPO update per online node, vmapped (re-encoding happens inside); offline nodes keep
+  their state. Returns (the nodes, loss [n])."""
+  use_ref = config.grpo.kl_coef > 0
+  ref = ref_params if use_ref else jnp.arange(online.shape[0])  # a placeholder node axis
+  new_params, new_opt, stats = map_nodes(functools.partial(train_node, update, use_ref),
+                                         config.node_chunk)(
+      nodes.params, nodes.opt_state, batch, ref)
+  keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+  return NodeState(jax.tree.map(keep, new_params, nodes.params),
+                   jax.tree.map(keep, new_opt, nodes.opt_state)), stats.loss
+
+
 def sapo_round(policy: policy_lib.Policy, config: SapoConfig, update,
                state: SapoState) -> tuple[SapoState, SapoMetrics]:
   """One SAPO round: share, draw and re-score external groups, one GRPO step per online node."""
   r, params = state.round, state.nodes.params
-  use_ref = config.grpo.kl_coef > 0
   online = online_nodes(config, state.key, r)  # [N]
   pool = share(policy, config, state.key, r, params, online)  # 1. rollouts
   shared, history = stale_pool(config, state.history, pool, r)  # 2. this round's or r - d's
   batch, valid = training_batch(policy, config, state.key, r, pool, shared)  # 3. draws, re-scored
-  # 4. one GRPO update per online node, vmapped (re-encoding happens inside)
-  ref = state.ref_params if use_ref else jnp.arange(config.nodes)  # a placeholder node axis
-  new_params, new_opt, stats = map_nodes(functools.partial(train_node, update, use_ref),
-                                         config.node_chunk)(
-      params, state.nodes.opt_state, batch, ref)
-  keep = lambda new, old: jnp.where(online.reshape(-1, *([1] * (new.ndim - 1))), new, old)
-  nodes = NodeState(jax.tree.map(keep, new_params, params),
-                    jax.tree.map(keep, new_opt, state.nodes.opt_state))
+  nodes, loss = train_nodes(update, config, online, state.nodes, batch, state.ref_params)  # 4.
   sent = jnp.where(online, shared_bytes(pool.questions.prompt,
                                         policy.rollouts.task_tokens(pool.completions)), 0)  # [N]
-  metrics = sapo_metrics(pool.rewards, online, batch, valid, stats.loss, sent)
+  metrics = sapo_metrics(pool.rewards, online, batch, valid, loss, sent)
   new_state = state.replace(round=r + 1, nodes=nodes, bytes_shared=state.bytes_shared + sent,
                             history=history)
   return new_state, metrics
