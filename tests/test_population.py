@@ -50,7 +50,7 @@ def _tiny():
 def _dense_round(learner, data, net, state, rows):
   """FedAvg's round as it was before issue 16: every client's last model in an [N, ...]
   row; returns the new global model, the rows, the clients' ids, seconds and loss."""
-  server = fedavg._Server(mean(), ServerOptimizer(), ServerOptimizer().transformation(), None)
+  server = fedavg.ServerConfig(mean(), ServerOptimizer(), ServerOptimizer().transformation(), None)
   r = state.round
   ids, valid = sample_available(round_key(state.key, r, Stream.SAMPLE), state.available, S)
   params = broadcast(state.extra.global_params, S)
@@ -58,12 +58,12 @@ def _dense_round(learner, data, net, state, rows):
                        node_keys(state.key, r, ids, Stream.BATCH), data, rows=ids, round_=r)
   steps = jnp.where(valid, result.steps, 0)
   n_valid = jnp.sum(valid, dtype=jnp.int32)
-  finish = fedavg._finish_seconds(net, 0, ids, steps * learner.batch_size,
-                                  learner.model_bytes(), n_valid)
-  accepted, seconds = fedavg._accepted(jnp.where(valid, finish, jnp.inf), valid, S)
-  weights = fedavg._client_weights(data.sizes[ids], 'data_size', accepted)
-  extra = fedavg._aggregate(server, state.extra, result.params, weights, accepted)
-  rows = fedavg._scatter_clients(rows, result.params, ids, valid)
+  finish = fedavg.finish_seconds(net, 0, ids, steps * learner.batch_size,
+                                 learner.model_bytes(), n_valid)
+  accepted, seconds = fedavg.accept_first(jnp.where(valid, finish, jnp.inf), valid, S)
+  weights = fedavg.client_weights(data.sizes[ids], 'data_size', accepted)
+  extra = fedavg.aggregate_clients(server, state.extra, result.params, weights, accepted)
+  rows = fedavg.scatter_clients(rows, result.params, ids, valid)
   loss = jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1)
   return extra.global_params, rows, jnp.where(valid, ids, N), seconds, loss
 

@@ -99,7 +99,7 @@ class FedAvgState:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Server:
+class ServerConfig:
   """The server's static configuration, closed over by the round."""
 
   aggregator: Aggregator
@@ -117,11 +117,11 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
   """FedAvg; ``aggregator`` (default the weighted mean) combines the accepted client
   models and ``server_optimizer`` (default: the aggregate is the new global model)
   steps the global model towards it (see ``decsim.aggregation``)."""
-  _check_config(nodes, sample_size, weighting, success_fraction)
+  check_arguments(nodes, sample_size, weighting, success_fraction)
   network = network if network is not None else uniform_network(nodes)
   optimizer = server_optimizer if server_optimizer is not None else ServerOptimizer()
-  config = _Server(aggregator if aggregator is not None else aggregation.mean(), optimizer,
-                   optimizer.transformation(), variance_correction)
+  config = ServerConfig(aggregator if aggregator is not None else aggregation.mean(), optimizer,
+                        optimizer.transformation(), variance_correction)
   model_bytes = learner.model_bytes()
   wait_for = math.ceil(success_fraction * sample_size)
 
@@ -130,8 +130,8 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
     global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
     # The rows in flight: the last round's s client models; they start as the global one.
     node_states = NodeState(params=broadcast(global_params, sample_size), opt_state=())
-    return init_sim_state(key, node_states, _init_server(config, global_params, nodes,
-                                                         sample_size), num_nodes=nodes)
+    return init_sim_state(key, node_states, init_server(config, global_params, nodes,
+                                                        sample_size), num_nodes=nodes)
 
   def round_(state: SimState, data: NodeData) -> tuple[SimState, RoundMetrics]:
     r = state.round
@@ -144,16 +144,16 @@ def fedavg(learner: Learner, *, nodes: int, sample_size: int, weighting: str = '
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
     n_valid = jnp.sum(valid, dtype=jnp.int32)
-    finish = _finish_seconds(network, server, ids, steps * learner.batch_size, model_bytes,
-                             n_valid)
-    accepted, seconds = _accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
-    weights = _client_weights(data.sizes[ids], weighting, accepted)  # [s]
+    finish = finish_seconds(network, server, ids, steps * learner.batch_size, model_bytes,
+                            n_valid)
+    accepted, seconds = accept_first(jnp.where(valid, finish, jnp.inf), valid, wait_for)
+    weights = client_weights(data.sizes[ids], weighting, accepted)  # [s]
     state = state.replace(
         round=r + 1,
         nodes=state.nodes.replace(params=result.params),  # [s, ...]
         clock=state.clock + seconds,
-        sent=_count_sent(state.sent, ids, valid, server),
-        extra=_aggregate(config, state.extra, result.params, weights, accepted).replace(
+        sent=count_sent(state.sent, ids, valid, server),
+        extra=aggregate_clients(config, state.extra, result.params, weights, accepted).replace(
             clients=jnp.where(valid, ids, nodes)))
     metrics = RoundMetrics(
         train_loss=jnp.sum(result.loss * valid) / jnp.maximum(n_valid, 1),
@@ -201,7 +201,8 @@ def in_flight(state: SimState) -> tuple[Stacked, jax.Array]:
   return state.nodes.params, state.extra.clients < state.available.shape[0]
 
 
-def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:
+# The server's steps below are public: SCAFFOLD (``scaffold.py``) composes the same round.
+def check_arguments(nodes: int, sample_size: int, weighting: str, success_fraction: float) -> None:
   if not 1 <= sample_size <= nodes:
     raise ValueError(f'sample size {sample_size} must be in 1..{nodes} (the number of nodes)')
   if weighting not in WEIGHTINGS:
@@ -210,15 +211,15 @@ def _check_config(nodes: int, sample_size: int, weighting: str, success_fraction
     raise ValueError(f'success fraction {success_fraction} must be in (0, 1]')
 
 
-def _init_server(config: _Server, global_params: Params, nodes: int,
-                 sample_size: int) -> FedAvgState:
+def init_server(config: ServerConfig, global_params: Params, nodes: int,
+                sample_size: int) -> FedAvgState:
   opt_state = () if config.optimizer.replaces_global else config.tx.init(global_params)
   return FedAvgState(global_params, opt_state, config.aggregator.init(global_params),
                      clients=jnp.full((sample_size,), nodes, jnp.int32))
 
 
-def _finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.Array,
-                    model_bytes: int, clients: jax.Array) -> jax.Array:
+def finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.Array,
+                   model_bytes: int, clients: jax.Array) -> jax.Array:
   """When each client's model reaches the server: download, training, upload [s]; the
   server's bandwidth is shared by its ``clients`` downloads, then uploads."""
   return (network.transfer_seconds(server, ids, model_bytes, up_share=clients)
@@ -226,7 +227,7 @@ def _finish_seconds(network: Network, server: int, ids: jax.Array, samples: jax.
           + network.transfer_seconds(ids, server, model_bytes, down_share=clients))  # [s]
 
 
-def _accepted(finish: jax.Array, valid: jax.Array, wait_for: int) -> tuple[jax.Array, jax.Array]:
+def accept_first(finish: jax.Array, valid: jax.Array, wait_for: int) -> tuple[jax.Array, jax.Array]:
   """The server aggregates the first ceil(sf * s) models to arrive (all, if fewer came).
 
   ``finish`` [s] is each client's arrival time (inf for invalid draws); returns the
@@ -238,14 +239,14 @@ def _accepted(finish: jax.Array, valid: jax.Array, wait_for: int) -> tuple[jax.A
   return accepted, jnp.max(jnp.where(accepted, finish, 0.0))
 
 
-def _client_weights(sizes: jax.Array, weighting: str, accepted: jax.Array) -> jax.Array:
+def client_weights(sizes: jax.Array, weighting: str, accepted: jax.Array) -> jax.Array:
   """Aggregation weights [s]: data size n_k or 1 for accepted clients, 0 for the rest."""
   sizes = sizes.astype(jnp.float32)  # [s]
   return (sizes if weighting == 'data_size' else jnp.ones_like(sizes)) * accepted
 
 
-def _aggregate(config: _Server, server: FedAvgState, clients: Stacked, weights: jax.Array,
-               accepted: jax.Array) -> FedAvgState:
+def aggregate_clients(config: ServerConfig, server: FedAvgState, clients: Stacked,
+                      weights: jax.Array, accepted: jax.Array) -> FedAvgState:
   """The next server state from the client models [s, ...]; unchanged when no
   model was accepted (the aggregate of nothing is then computed over all rows and
   discarded, so that it stays finite)."""
@@ -265,8 +266,8 @@ def _aggregate(config: _Server, server: FedAvgState, clients: Stacked, weights: 
   return jax.tree.map(lambda n, o: jnp.where(any_accepted, n, o), new, server)
 
 
-def _scatter_clients(node_params: Stacked, clients: Stacked, ids: jax.Array,
-                     valid: jax.Array) -> Stacked:
+def scatter_clients(node_params: Stacked, clients: Stacked, ids: jax.Array,
+                    valid: jax.Array) -> Stacked:
   """Node rows [N, ...] with the valid clients' models [s, ...] written to rows ``ids``."""
   nodes = jax.tree.leaves(node_params)[0].shape[0]
   scatter_ids = jnp.where(valid, ids, nodes)  # invalid draws are dropped
@@ -274,7 +275,7 @@ def _scatter_clients(node_params: Stacked, clients: Stacked, ids: jax.Array,
                       node_params, clients)
 
 
-def _count_sent(sent: jax.Array, ids: jax.Array, valid: jax.Array, server: int) -> jax.Array:
+def count_sent(sent: jax.Array, ids: jax.Array, valid: jax.Array, server: int) -> jax.Array:
   """One upload per valid client, and the server's download to each: sent [N, K]."""
   scatter_ids = jnp.where(valid, ids, sent.shape[0])  # invalid draws are dropped
   return (sent.at[scatter_ids, MODEL].add(1, mode='drop')  # uploads

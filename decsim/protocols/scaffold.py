@@ -117,7 +117,7 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
              server_optimizer: ServerOptimizer | None = None) -> Protocol:
   """SCAFFOLD; ``learner.tx`` must chain ``correction()`` before the local optimiser
   (SGD of learning rate ``lr`` and ``momentum``). The server side is FedAvg's."""
-  fedavg._check_config(nodes, sample_size, weighting, success_fraction)
+  fedavg.check_arguments(nodes, sample_size, weighting, success_fraction)
   _check_learner(learner, lr, momentum)
   network = network if network is not None else uniform_network(nodes)
   config = _server(aggregator, server_optimizer, variance_correction)
@@ -140,23 +140,24 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
     result = train_nodes(learner, params, opt_state, keys, data, rows=ids, round_=r)
 
     steps = jnp.where(valid, result.steps, 0)  # [s]
-    finish = fedavg._finish_seconds(network, server, ids, steps * learner.batch_size,
-                                    2 * model_bytes, jnp.sum(valid))  # model and variate
-    accepted, seconds = fedavg._accepted(jnp.where(valid, finish, jnp.inf), valid, wait_for)
-    weights = fedavg._client_weights(data.sizes[ids], weighting, accepted)  # [s]
+    finish = fedavg.finish_seconds(network, server, ids, steps * learner.batch_size,
+                                   2 * model_bytes, jnp.sum(valid))  # model and variate
+    accepted, seconds = fedavg.accept_first(jnp.where(valid, finish, jnp.inf), valid, wait_for)
+    weights = fedavg.client_weights(data.sizes[ids], weighting, accepted)  # [s]
     new_c_i = _option_two(c_i, extra.control, x, result.params,
                           effective_steps(steps, momentum) * _lr_at(learner, lr, r))  # [s, ...]
     extra = ScaffoldState(
-        server=fedavg._aggregate(config, extra.server, result.params, weights, accepted).replace(
-            clients=jnp.where(valid, ids, nodes)),
+        server=fedavg.aggregate_clients(
+            config, extra.server, result.params, weights, accepted).replace(
+                clients=jnp.where(valid, ids, nodes)),
         control=_server_control(extra.control, c_i, new_c_i,
                                 weights / _population_weight(data.sizes, weighting)),
-        client_controls=fedavg._scatter_clients(extra.client_controls, new_c_i, ids, accepted))
+        client_controls=fedavg.scatter_clients(extra.client_controls, new_c_i, ids, accepted))
     state = state.replace(
         round=r + 1,
         nodes=state.nodes.replace(params=result.params),  # [s, ...] in flight
         clock=state.clock + seconds,
-        sent=fedavg._count_sent(state.sent, ids, valid, server),
+        sent=fedavg.count_sent(state.sent, ids, valid, server),
         extra=extra)
     return state, _metrics(result.loss, valid, steps, seconds)
 
@@ -169,20 +170,21 @@ def scaffold(learner: Learner, *, nodes: int, sample_size: int, lr: float, momen
 
 
 def _server(aggregator: Aggregator | None, optimizer: ServerOptimizer | None,
-            variance_correction: mixing.VarianceCorrection | None) -> fedavg._Server:
+            variance_correction: mixing.VarianceCorrection | None) -> fedavg.ServerConfig:
   """FedAvg's server: the weighted mean and the aggregate as the new model by default."""
   optimizer = optimizer if optimizer is not None else ServerOptimizer()
-  return fedavg._Server(aggregator if aggregator is not None else aggregation.mean(), optimizer,
-                        optimizer.transformation(), variance_correction)
+  aggregator = aggregator if aggregator is not None else aggregation.mean()
+  return fedavg.ServerConfig(aggregator, optimizer, optimizer.transformation(),
+                             variance_correction)
 
 
-def _init_state(learner: Learner, config: fedavg._Server, nodes: int, sample_size: int,
+def _init_state(learner: Learner, config: fedavg.ServerConfig, nodes: int, sample_size: int,
                 key: PRNGKey) -> SimState:
   """Round 0: the s rows in flight hold the global model; c and every c_i are zero."""
   global_params = learner.init_params(jax.random.fold_in(key, Stream.INIT))
   zeros = jax.tree.map(jnp.zeros_like, global_params)
   node_states = NodeState(params=broadcast(global_params, sample_size), opt_state=())
-  extra = ScaffoldState(fedavg._init_server(config, global_params, nodes, sample_size),
+  extra = ScaffoldState(fedavg.init_server(config, global_params, nodes, sample_size),
                         control=zeros,
                         client_controls=broadcast(zeros, nodes))  # [N, ...]
   return init_sim_state(key, node_states, extra, num_nodes=nodes)
@@ -238,7 +240,7 @@ def _metrics(loss: jax.Array, valid: jax.Array, steps: jax.Array,
 
 
 def _population_weight(sizes: jax.Array, weighting: str) -> jax.Array:
-  """sum over all N clients of the weights ``fedavg._client_weights`` gives: n or N."""
+  """sum over all N clients of the weights ``fedavg.client_weights`` gives: n or N."""
   if weighting == 'data_size':
     return jnp.sum(sizes.astype(jnp.float32))
   return jnp.float32(sizes.shape[0])
