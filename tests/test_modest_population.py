@@ -172,3 +172,29 @@ def test_a_streamed_trace_equals_the_whole_file_read_at_once(tmp_path):
   path.write_text('\n'.join(lines[:-1] + [' '.join(lines[-1].split()[:-1])]) + '\n')
   with pytest.raises(churn.ChurnError, match='500 columns'):
     churn.load_trace(str(path), 500)
+
+
+def test_large_view_rankings_are_o_s_and_shorter_ones_are_their_prefixes():
+  """Above ``SPARSE_SAMPLE_MIN_NODES`` the hash ranking draws ids, not N scores: it ranks
+  distinct eligible nodes only, the participants' short ranking of round r+1 is the
+  start of the aggregators' long one (so the aggregators they probe are the next
+  sample's first nodes), and too few eligible nodes fall back to the whole view."""
+  from decsim.protocols import fedavg
+  n = fedavg.SPARSE_SAMPLE_MIN_NODES
+  eligible = jnp.arange(n) % 2 == 0  # half the view
+  rank = jax.jit(modest_lib.hash_ranking, static_argnums=3)
+  key = jax.random.key(7)
+  long_ids, long_valid = rank(key, 5, eligible, 640)
+  short_ids, _ = rank(key, 5, eligible, 10)
+  ids = np.asarray(long_ids)
+  assert bool(long_valid.all()) and len(set(ids.tolist())) == 640 and (ids % 2 == 0).all()
+  np.testing.assert_array_equal(short_ids, long_ids[:10])
+  # FedAvg's O(s) draw on the round's key (the old top-k of N scores ranks differently)
+  from decsim.rng import Stream, round_key
+  np.testing.assert_array_equal(
+      ids, fedavg.sample_clients(round_key(key, 5, Stream.SAMPLE), eligible, 640)[0])
+  assert not np.array_equal(ids, np.asarray(rank(key, 6, eligible, 640)[0]))  # next round
+  few = jnp.zeros((n,), bool).at[jnp.arange(0, n, n // 8)].set(True)  # 8 eligible nodes
+  few_ids, few_valid = rank(key, 5, few, 10)
+  assert int(few_valid.sum()) == 8
+  assert set(np.asarray(few_ids)[np.asarray(few_valid)].tolist()) == set(range(0, n, n // 8))

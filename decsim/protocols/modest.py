@@ -169,11 +169,16 @@ def hash_ranking(key: PRNGKey, round_: jax.Array, eligible: jax.Array, count: in
 
   Returns ``(ids [count], valid [count])`` in rank order; ``valid`` is False for
   slots beyond the number of eligible nodes. Identical views give identical
-  rankings; different rounds give independent ones.
+  rankings; different rounds give independent ones. The ranking is FedAvg's client
+  draw on the round's key (``fedavg.sample_clients``: with ``stream='shared'`` both
+  protocols draw the same nodes without churn): up to ``SPARSE_SAMPLE_MIN_NODES``
+  the top ``count`` of N uniform scores, O(N); beyond, the eligible ids among a
+  prefix of uniform draws, O(count log count), whose shorter rankings are prefixes
+  of the longer ones (the draws are counter-based). Only when fewer than ``count``
+  eligible nodes come through (over 7/8 of the view inactive) does that ranking fall
+  back to the O(N) draw, which then no longer extends the shorter ones.
   """
-  scores = jax.random.uniform(round_key(key, round_, stream), eligible.shape)  # [N]
-  top, ids = jax.lax.top_k(jnp.where(eligible, scores, -1.0), count)
-  return ids.astype(jnp.int32), top >= 0.0
+  return fedavg_lib.sample_clients(round_key(key, round_, stream), eligible, count)
 
 
 def active_in(views: Views, rows: jax.Array, round_: jax.Array, threshold: int) -> jax.Array:
