@@ -10,7 +10,6 @@ seconds at every tick length, so the time to target is read on the same grid.
 """
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import time

@@ -21,11 +21,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from decsim import experiment, mixing
+from decsim import mixing
 from decsim.protocols.base import init_params, train_nodes
 from decsim.rng import Stream, node_keys
 from decsim.topology import build_topology
