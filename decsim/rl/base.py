@@ -28,7 +28,10 @@ target so every leaf keeps its type.
 
 import hashlib
 import json
+import os
 import pathlib
+import shutil
+import uuid
 from typing import NamedTuple
 
 import jax
@@ -143,6 +146,15 @@ def base_models(seed: int, nodes: int, policy: policy_lib.Policy, completion_len
   log(f'warming up {nodes} base models ({config.steps_min}-{config.steps_max} steps) -> {path}')
   params = jax.jit(warmup)(key)
   path.parent.mkdir(parents=True, exist_ok=True)
-  checkpointer.save(path, params)
+  # Written aside, then renamed: runs warming up the same models at once (a study's
+  # parallel seeds) each finish; the first rename wins, the others drop their identical copy.
+  scratch = path.with_name(f'{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  checkpointer.save(scratch, params)
   checkpointer.wait_until_finished()
+  try:
+    os.rename(scratch, path)
+  except OSError:
+    if not path.exists():
+      raise
+    shutil.rmtree(scratch)
   return params
