@@ -48,3 +48,13 @@ def tiny_config():
   from decsim.experiment import ExperimentConfig
   return ExperimentConfig(num_samples=2000, nodes=20, sample_size=5, model='mlp', rounds=10,
                           eval_every=5, local_steps=2, eval_nodes=3)
+
+
+def small_learner(**config):
+  """``(learner, node data, dataset)`` of an ``ExperimentConfig`` with ``config``: the tiny
+  logistic-regression setups the protocol tests build."""
+  from decsim import experiment
+  c = experiment.ExperimentConfig(model='logistic', local_steps=2, batch_size=10, lr=0.1, **config)
+  dataset, data, _ = experiment.load_data(c)
+  learner, _ = experiment.make_learner(c, dataset)
+  return learner, data, dataset

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decsim import churn, experiment, network
+import conftest
+
+from decsim import churn, network
 from decsim.network import MODEL
 from decsim.protocols import modest as modest_lib
 from decsim.protocols.modest import modest
@@ -21,11 +23,7 @@ NET = network.uniform_network(NODES, latency=0.01, speed=100.0)  # training: 0.2
 
 @pytest.fixture(scope='module')
 def setup():
-  config = experiment.ExperimentConfig(num_samples=1000, nodes=NODES, model='logistic',
-                                       local_steps=2, batch_size=10, momentum=0.0, lr=0.1)
-  dataset, data, _ = experiment.load_data(config)
-  learner, _ = experiment.make_learner(config, dataset)
-  return learner, data
+  return conftest.small_learner(num_samples=1000, nodes=NODES, momentum=0.0)[:2]
 
 
 def crash_at(times: np.ndarray):

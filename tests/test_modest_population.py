@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
+
 from decsim import churn, experiment, metrics, network
 from decsim.protocols import modest as modest_lib
 from decsim.protocols.modest import modest
@@ -19,11 +21,7 @@ NODES, S = 12, 4
 
 @pytest.fixture(scope='module')
 def setup():
-  config = experiment.ExperimentConfig(num_samples=600, nodes=NODES, model='logistic',
-                                       local_steps=2, batch_size=10, momentum=0.9, lr=0.1)
-  dataset, data, _ = experiment.load_data(config)
-  learner, _ = experiment.make_learner(config, dataset)
-  return learner, data, dataset
+  return conftest.small_learner(num_samples=600, nodes=NODES, momentum=0.9)
 
 
 def _protocol(learner, node_rows, crash_time):

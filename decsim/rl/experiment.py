@@ -322,11 +322,10 @@ def _rows(group_sizes: tuple[int, ...], fields: dict[str, Any]) -> list[dict[str
   count = len(m.reward)
   first = int(fields['round']) - count + 1
   rows = [_row(first + k, m, k) for k in range(count)]
-  ends = np.cumsum(group_sizes)
-  for k, row in enumerate(rows):
-    if group_sizes:  # node_reward [N] split at the groups' ends
-      parts = np.split(np.asarray(m.node_reward[k]), ends[:-1])
-      row['group_reward'] = [float(p.mean()) for p in parts]
+  if group_sizes:
+    ends = np.cumsum(group_sizes)[:-1]
+    for k, row in enumerate(rows):  # node_reward [N] split at the groups' ends
+      row['group_reward'] = [float(p.mean()) for p in np.split(np.asarray(m.node_reward[k]), ends)]
   return rows
 
 
